@@ -1,0 +1,1 @@
+"""Tandem control plane: config, core (pure policy), runtime (Ray), sim (simulated cluster), cli."""
