@@ -1,0 +1,191 @@
+"""Admission: is a request let in now, parked in its class queue, or turned away (and why)?
+
+    Admission(config, router).decide(req, snapshot, queues) -> AdmissionDecision
+
+In order, first match wins:
+1. unknown SLA class                                       → REJECT UNKNOWN_SLA_CLASS   (HTTP 400)
+2. prompt + max_tokens > model.max_model_len               → REJECT CONTEXT_TOO_LONG    (HTTP 400)
+3. no healthy decode-capable worker                        → REJECT NO_HEALTHY_WORKER   (HTTP 503)
+4. best predicted TTFT (router.best_ttft_ms) > class ttft_ms
+   (when admission.reject_unreachable_sla)                 → REJECT SLA_UNREACHABLE     (HTTP 429)
+5. requests of its class already waiting, or no decode worker has KV room now:
+     class queue < its cap and all queues < max_waiting    → QUEUE (QUEUED_BEHIND | NO_KV_CAPACITY)
+     else                                                  → REJECT QUEUE_FULL          (HTTP 429)
+6. otherwise                                               → ADMIT
+
+`queue_for_power(req, queues)` answers the same cap question for a request the router could not
+place within the power budget (and `power.queue_cap` bounds all waiting requests in that case). Every 429 carries Retry-After: the predicted wait rounded up to whole
+seconds, at least `admission.min_retry_after_s`.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from orchestrator.config.models import TandemConfig
+from orchestrator.core.router import Router
+from orchestrator.core.snapshot import ClusterSnapshot, RouteRequest
+
+
+class AdmissionAction(enum.StrEnum):
+    ADMIT = "admit"
+    QUEUE = "queue"
+    REJECT = "reject"
+
+
+class AdmissionReason(enum.StrEnum):
+    ADMITTED = "admitted"
+    QUEUED_BEHIND = "queued_behind"  # others of its class are waiting: FIFO
+    NO_KV_CAPACITY = "no_kv_capacity"  # no decode worker has room for it yet
+    POWER_QUEUED = "power_queued"  # the router found no placement within the power budget
+    UNKNOWN_SLA_CLASS = "unknown_sla_class"
+    CONTEXT_TOO_LONG = "context_too_long"
+    NO_HEALTHY_WORKER = "no_healthy_worker"
+    SLA_UNREACHABLE = "sla_unreachable"
+    QUEUE_FULL = "queue_full"
+    OVER_POWER_BUDGET = "over_power_budget"
+
+    @property
+    def http_status(self) -> int:
+        """The status the API answers a rejection with (200 for the non-rejecting reasons)."""
+        return _HTTP.get(self, 200)
+
+
+_HTTP = {
+    AdmissionReason.UNKNOWN_SLA_CLASS: 400,
+    AdmissionReason.CONTEXT_TOO_LONG: 400,
+    AdmissionReason.NO_HEALTHY_WORKER: 503,
+    AdmissionReason.SLA_UNREACHABLE: 429,
+    AdmissionReason.QUEUE_FULL: 429,
+    AdmissionReason.OVER_POWER_BUDGET: 429,
+}
+
+
+@dataclass(frozen=True)
+class QueueView:
+    """How many requests wait in each SLA class queue right now (missing class = 0)."""
+
+    waiting_by_class: Mapping[str, int] = field(default_factory=dict)
+
+    def waiting(self, sla_class: str) -> int:
+        return self.waiting_by_class.get(sla_class, 0)
+
+    @property
+    def total(self) -> int:
+        return sum(self.waiting_by_class.values())
+
+
+@dataclass(frozen=True)
+class AdmissionDecision:
+    request_id: str
+    action: AdmissionAction
+    reason: AdmissionReason
+    sla_class: str | None  # the resolved class (None when it was unknown)
+    detail: str
+    retry_after_s: float | None = None  # set on every REJECT
+
+    @property
+    def http_status(self) -> int:
+        return self.reason.http_status
+
+
+class Admission:
+    """SLA classes and bounded queues in front of the router."""
+
+    def __init__(self, config: TandemConfig, router: Router) -> None:
+        self.config = config
+        self.router = router
+
+    def _retry(self, wait_ms: float | None = None) -> float:
+        floor = self.config.admission.min_retry_after_s
+        if wait_ms is None or not math.isfinite(wait_ms):
+            return floor
+        return max(floor, float(math.ceil(wait_ms / 1e3)))
+
+    def decide(self, req: RouteRequest, snap: ClusterSnapshot, queues: QueueView) -> AdmissionDecision:
+        """Admit, queue or reject `req` (see the module docstring for the rules, in order)."""
+        cfg = self.config
+        rid = req.request_id
+        try:
+            sla = cfg.sla_class(req.sla_class)
+        except KeyError:
+            names = ", ".join(c.name for c in cfg.sla.classes)
+            return AdmissionDecision(
+                rid, AdmissionAction.REJECT, AdmissionReason.UNKNOWN_SLA_CLASS, None,
+                f"unknown SLA class {req.sla_class!r}; classes: {names}", self._retry(),
+            )
+        limit = cfg.model.max_model_len
+        if req.kv_tokens > limit:
+            return AdmissionDecision(
+                rid, AdmissionAction.REJECT, AdmissionReason.CONTEXT_TOO_LONG, sla.name,
+                f"prompt {req.prompt_tokens} + max_tokens {req.max_tokens} = {req.kv_tokens} tokens "
+                f"exceeds the context length {limit}", self._retry(),
+            )
+        if not snap.decode_workers():
+            return AdmissionDecision(
+                rid, AdmissionAction.REJECT, AdmissionReason.NO_HEALTHY_WORKER, sla.name,
+                "no healthy decode-capable worker", self._retry(),
+            )
+        best = self.router.best_ttft_ms(req, snap)
+        if cfg.admission.reject_unreachable_sla and best is not None and best > sla.ttft_ms:
+            return AdmissionDecision(
+                rid, AdmissionAction.REJECT, AdmissionReason.SLA_UNREACHABLE, sla.name,
+                f"best predicted TTFT {best:.0f}ms > class {sla.name} target {sla.ttft_ms:.0f}ms",
+                self._retry(best - sla.ttft_ms),
+            )
+        behind = queues.waiting(sla.name)
+        if behind > 0 or best is None:
+            reason = AdmissionReason.QUEUED_BEHIND if behind > 0 else AdmissionReason.NO_KV_CAPACITY
+            why = f"{behind} of class {sla.name} waiting" if behind > 0 else "no decode worker has KV room yet"
+            return self._queue_or_reject(req, sla.name, queues, reason, why, best)
+        return AdmissionDecision(
+            rid, AdmissionAction.ADMIT, AdmissionReason.ADMITTED, sla.name,
+            f"best predicted TTFT {best:.0f}ms <= {sla.ttft_ms:.0f}ms",
+        )
+
+    def queue_for_power(self, req: RouteRequest, queues: QueueView, why: str = "") -> AdmissionDecision:
+        """For a request the router found no watts for: queue it if the caps allow, else 429."""
+        sla = self.config.sla_class(req.sla_class) if self._known(req) else None
+        name = sla.name if sla is not None else self.config.sla.default
+        power_cap = self.config.power.queue_cap if self.config.power is not None else 0
+        waiting_for_power = queues.total
+        if waiting_for_power >= power_cap:
+            return AdmissionDecision(
+                req.request_id, AdmissionAction.REJECT, AdmissionReason.OVER_POWER_BUDGET, name,
+                f"over the power budget and the power queue is full ({waiting_for_power}/{power_cap}); {why}",
+                self._retry(),
+            )
+        return self._queue_or_reject(req, name, queues, AdmissionReason.POWER_QUEUED, why or "over power budget")
+
+    def _known(self, req: RouteRequest) -> bool:
+        try:
+            self.config.sla_class(req.sla_class)
+        except KeyError:
+            return False
+        return True
+
+    def _queue_or_reject(
+        self,
+        req: RouteRequest,
+        sla_name: str,
+        queues: QueueView,
+        reason: AdmissionReason,
+        why: str,
+        wait_ms: float | None = None,
+    ) -> AdmissionDecision:
+        adm = self.config.admission
+        cap = adm.queue_cap(sla_name)
+        mine = queues.waiting(sla_name)
+        if mine < cap and queues.total < adm.max_waiting:
+            return AdmissionDecision(
+                req.request_id, AdmissionAction.QUEUE, reason, sla_name,
+                f"{why}; queue {sla_name} {mine + 1}/{cap}, all {queues.total + 1}/{adm.max_waiting}",
+            )
+        return AdmissionDecision(
+            req.request_id, AdmissionAction.REJECT, AdmissionReason.QUEUE_FULL, sla_name,
+            f"{why}; queue {sla_name} {mine}/{cap}, all {queues.total}/{adm.max_waiting}: full",
+            self._retry(wait_ms),
+        )

@@ -1,0 +1,175 @@
+"""Predicted time and energy of one placement of one request, from the cost model.
+
+A placement is (decode worker, prefill worker or None for local prefill). For a request of s
+prompt tokens and m new tokens:
+
+    queue_ms    = prefill_time(hw_p, queued_prefill_tokens(p))     (0 when nothing is queued)
+    prefill_ms  = prefill_time(hw_p, s)
+    transfer_ms = exposed_transfer_time(hw_p, s, kv_dtype, link)   (0 for local prefill)
+    ttft_ms     = queue_ms + prefill_ms + transfer_ms
+    tpot_ms     = decode_step_time(hw_d, [s + m/2] × (running_batch(d) + 1))
+    energy_j    = prefill_s · P_prefill(hw_p) + m · tpot_s · P_decode(hw_d) / (running_batch(d) + 1)
+
+with p = d for local prefill. Results of the cost model are memoised per (hw, tokens, mode): the
+simulator routes millions of requests through here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.config.models import TandemConfig
+from orchestrator.core.hardware import Phase
+from orchestrator.core.ports import CostModelPort
+from orchestrator.core.power import PowerAccountant
+from orchestrator.core.snapshot import RouteRequest, WorkerSnapshot
+from orchestrator.core.types import LinearMode
+
+_CACHE_MAX = 200_000
+
+
+def _fmt(x: float) -> str:
+    """Milliseconds for humans: 3 significant digits, no exponent for the usual range."""
+    if x == 0:
+        return "0"
+    if abs(x) >= 100:
+        return f"{x:.0f}"
+    if abs(x) >= 1:
+        return f"{x:.1f}"
+    return f"{x:.3g}"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One way to run a request, with its predicted numbers (ms, J)."""
+
+    decode_worker_id: str
+    prefill_worker_id: str | None  # None: prefill locally on the decode worker
+    queue_ms: float
+    prefill_ms: float
+    transfer_ms: float
+    tpot_ms: float | None = None
+    energy_j: float | None = None
+    max_tokens: int = 1
+
+    @property
+    def local(self) -> bool:
+        return self.prefill_worker_id is None
+
+    @property
+    def ttft_ms(self) -> float:
+        return self.queue_ms + self.prefill_ms + self.transfer_ms
+
+    @property
+    def energy_per_token_j(self) -> float | None:
+        return None if self.energy_j is None else self.energy_j / self.max_tokens
+
+    def key(self) -> tuple[str, str]:
+        return (self.decode_worker_id, self.prefill_worker_id or "")
+
+    def describe(self) -> str:
+        """e.g. 'remote p0 241ms (queue 0 + prefill 180 + exposed transfer 61)'."""
+        if self.local:
+            head = f"local {self.decode_worker_id} {_fmt(self.ttft_ms)}ms"
+            body = f"(queue {_fmt(self.queue_ms)} + prefill {_fmt(self.prefill_ms)})"
+        else:
+            head = f"remote {self.prefill_worker_id}→{self.decode_worker_id} {_fmt(self.ttft_ms)}ms"
+            body = (
+                f"(queue {_fmt(self.queue_ms)} + prefill {_fmt(self.prefill_ms)} + "
+                f"exposed transfer {_fmt(self.transfer_ms)})"
+            )
+        out = f"{head} {body}"
+        if self.energy_per_token_j is not None and self.tpot_ms is not None:
+            out += f", tpot {_fmt(self.tpot_ms)}ms, {self.energy_per_token_j:.3g} J/token"
+        return out
+
+
+class Estimator:
+    """Placement predictions for one config over one cost model (memoised)."""
+
+    def __init__(self, config: TandemConfig, cost_model: CostModelPort, power: PowerAccountant) -> None:
+        self.config = config
+        self.cost_model = cost_model
+        self.power = power
+        self.kv_dtype = config.model.kv_dtype
+        self.link: Any = None
+        if config.kv_transport.link is not None:
+            catalog = getattr(cost_model, "catalog", None)
+            if catalog is not None and hasattr(catalog, "link"):
+                self.link = catalog.link(config.kv_transport.link)
+        self._modes = {p.name: config.pool_linear_mode(p) for p in config.pools}
+        self._prefill: dict[tuple[str, int, LinearMode], float] = {}
+        self._transfer: dict[tuple[str, int, LinearMode], float] = {}
+        self._step: dict[tuple[str, int, int, LinearMode], float] = {}
+
+    def mode(self, w: WorkerSnapshot) -> LinearMode:
+        return self._modes.get(w.pool, self.config.model.linear_mode)
+
+    def prefill_s(self, w: WorkerSnapshot, num_tokens: int) -> float:
+        if num_tokens <= 0:
+            return 0.0
+        mode = self.mode(w)
+        key = (w.hardware, num_tokens, mode)
+        t = self._prefill.get(key)
+        if t is None:
+            if len(self._prefill) > _CACHE_MAX:
+                self._prefill.clear()
+            t = float(
+                self.cost_model.prefill_time_s(w.hardware, num_tokens, linear_mode=mode, kv_dtype=self.kv_dtype)
+            )
+            self._prefill[key] = t
+        return t
+
+    def transfer_s(self, p: WorkerSnapshot, num_tokens: int) -> float:
+        mode = self.mode(p)
+        key = (p.hardware, num_tokens, mode)
+        t = self._transfer.get(key)
+        if t is None:
+            if len(self._transfer) > _CACHE_MAX:
+                self._transfer.clear()
+            t = float(
+                self.cost_model.exposed_transfer_time_s(
+                    p.hardware, num_tokens, self.kv_dtype, self.link, linear_mode=mode
+                )
+            )
+            self._transfer[key] = t
+        return t
+
+    def step_s(self, d: WorkerSnapshot, batch: int, context_tokens: int) -> float:
+        mode = self.mode(d)
+        key = (d.hardware, batch, context_tokens, mode)
+        t = self._step.get(key)
+        if t is None:
+            if len(self._step) > _CACHE_MAX:
+                self._step.clear()
+            t = float(
+                self.cost_model.decode_step_time_s(
+                    d.hardware, [context_tokens] * batch, linear_mode=mode, kv_dtype=self.kv_dtype
+                )
+            )
+            self._step[key] = t
+        return t
+
+    def estimate(
+        self, req: RouteRequest, decode: WorkerSnapshot, prefill: WorkerSnapshot | None, *, full: bool = False
+    ) -> Placement:
+        """TTFT parts always; tpot and energy too when full=True (they cost more cost-model calls)."""
+        p = prefill or decode
+        queue_ms = self.prefill_s(p, p.queued_prefill_tokens) * 1e3
+        prefill_s = self.prefill_s(p, req.prompt_tokens)
+        transfer_ms = 0.0 if prefill is None else self.transfer_s(prefill, req.prompt_tokens) * 1e3
+        if not full:
+            return Placement(
+                decode.worker_id, None if prefill is None else prefill.worker_id,
+                queue_ms, prefill_s * 1e3, transfer_ms, max_tokens=req.max_tokens,
+            )
+        batch = decode.running_batch + 1
+        step_s = self.step_s(decode, batch, req.prompt_tokens + req.max_tokens // 2)
+        energy_j = prefill_s * self.power.phase_w(p.hardware, Phase.PREFILL) + (
+            req.max_tokens * step_s * self.power.phase_w(decode.hardware, Phase.DECODE) / batch
+        )
+        return Placement(
+            decode.worker_id, None if prefill is None else prefill.worker_id,
+            queue_ms, prefill_s * 1e3, transfer_ms, step_s * 1e3, energy_j, req.max_tokens,
+        )

@@ -1,0 +1,123 @@
+"""Watt budget accounting: what each worker draws now, what a placement would add, what is left.
+
+Power model of one worker (the same step model the simulator integrates):
+
+    P(worker) = reading_w                      when a meter reports one (live telemetry wins)
+              = cost_model.power_w(hw, phase, 1.0) for phase = PREFILL if it has prefill work queued,
+                                                      DECODE if it has a running batch, else
+              = cost_model.power_w(hw, IDLE, 0.0)
+
+A placement raises the prefill worker (the decode worker itself for local prefill) to its PREFILL
+power and the decode worker to its DECODE power, never lowering anyone:
+
+    P'(w) = max(P(w), P_phase(hw_w))     for the workers the placement touches
+    projected_cluster_w = Σ_w P'(w)      and the same sum per pool
+
+A placement fits when it adds no watts, or when projected_cluster_w ≤ power.cluster_w and every
+touched pool with a budget stays within power.pools[pool].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from orchestrator.config.models import PowerConfig
+from orchestrator.core.hardware import Phase
+from orchestrator.core.ports import CostModelPort
+from orchestrator.core.snapshot import ClusterSnapshot, WorkerSnapshot
+
+
+@dataclass(frozen=True)
+class PowerProjection:
+    """Cluster and pool power before and after a placement, and whether it fits the budget."""
+
+    before_w: float
+    after_w: float
+    pool_after_w: Mapping[str, float]
+    fits: bool
+    why: str  # "" when it fits; else which budget is exceeded, with the numbers
+
+    @property
+    def added_w(self) -> float:
+        return self.after_w - self.before_w
+
+
+class PowerAccountant:
+    """Per-worker power models and the cluster's watt budget (None = unlimited)."""
+
+    def __init__(self, cost_model: CostModelPort, budget: PowerConfig | None = None) -> None:
+        self.cost_model = cost_model
+        self.budget = budget
+        self._phase_w: dict[tuple[str, Phase], float] = {}
+
+    def phase_w(self, hw: str, phase: Phase) -> float:
+        """Modelled draw of hardware `hw` doing `phase` flat out (IDLE: at rest)."""
+        key = (hw, phase)
+        w = self._phase_w.get(key)
+        if w is None:
+            w = float(self.cost_model.power_w(hw, phase, 0.0 if phase is Phase.IDLE else 1.0))
+            self._phase_w[key] = w
+        return w
+
+    @staticmethod
+    def worker_phase(w: WorkerSnapshot) -> Phase:
+        if w.prefill_busy:
+            return Phase.PREFILL
+        if w.decode_busy:
+            return Phase.DECODE
+        return Phase.IDLE
+
+    def worker_w(self, w: WorkerSnapshot) -> float:
+        """What the worker draws now: its meter's reading, else the model of its current phase."""
+        if w.power_w is not None:
+            return w.power_w
+        return self.phase_w(w.hardware, self.worker_phase(w))
+
+    def cluster_w(self, snap: ClusterSnapshot) -> float:
+        return sum(self.worker_w(w) for w in snap.workers)
+
+    def pool_w(self, snap: ClusterSnapshot, pool: str) -> float:
+        return sum(self.worker_w(w) for w in snap.workers if w.pool == pool)
+
+    def headroom_w(self, snap: ClusterSnapshot, pool: str | None = None) -> float:
+        """Watts left under the cluster budget (or a pool's), inf when there is no budget."""
+        if self.budget is None:
+            return float("inf")
+        if pool is None:
+            return self.budget.cluster_w - self.cluster_w(snap)
+        cap = self.budget.pools.get(pool)
+        return float("inf") if cap is None else cap - self.pool_w(snap, pool)
+
+    def project(
+        self, snap: ClusterSnapshot, prefill: WorkerSnapshot | None, decode: WorkerSnapshot
+    ) -> PowerProjection:
+        """Power after placing a request: prefill on `prefill` (None: locally on `decode`)."""
+        raised: dict[str, float] = {}
+        p = prefill or decode
+        raised[p.worker_id] = max(self.worker_w(p), self.phase_w(p.hardware, Phase.PREFILL))
+        if prefill is not None:
+            raised[decode.worker_id] = max(self.worker_w(decode), self.phase_w(decode.hardware, Phase.DECODE))
+        before = 0.0
+        after = 0.0
+        pool_after: dict[str, float] = {}
+        for w in snap.workers:
+            now = self.worker_w(w)
+            new = raised.get(w.worker_id, now)
+            before += now
+            after += new
+            pool_after[w.pool] = pool_after.get(w.pool, 0.0) + new
+        why = ""
+        # A placement that adds no watts (its workers already run those phases) always fits:
+        # refusing it would not lower the draw.
+        if self.budget is not None and after > before:
+            if after > self.budget.cluster_w:
+                why = f"cluster {after:.0f} W > budget {self.budget.cluster_w:.0f} W"
+            else:
+                touched = sorted({snap.worker(wid).pool for wid in raised})
+                for pool in touched:
+                    cap = self.budget.pools.get(pool)
+                    if cap is not None and pool_after[pool] > cap:
+                        why = f"pool {pool} {pool_after[pool]:.0f} W > budget {cap:.0f} W"
+                        break
+        return PowerProjection(before, after, pool_after, why == "", why)

@@ -1,0 +1,267 @@
+"""The router: where a request goes, and why, with the arithmetic.
+
+`Router(config, cost_model).route(req, snapshot) -> RouteDecision`. The runtime calls it with a
+snapshot built from live telemetry; the simulator with one built from its simulated fleet. Same
+inputs, same decision: every scan runs over workers sorted by id, ties break on worker id, and no
+randomness or wall time enters.
+
+One route, in four steps:
+1. decode candidates: healthy decode-capable workers with free KV blocks for prompt + max_tokens,
+   least loaded first: sort key (running_batch + waiting, −free_kv_blocks, worker_id). None healthy →
+   NO_DECODE_WORKER (reject); none with room → NO_KV_CAPACITY (queue: blocks come back).
+2. the policy named by `routing.kind` (registry below) ranks placements, each with a reason and its
+   arithmetic (`policies.py`).
+3. the power budget (`power.py`) takes the first ranked placement that fits; if that was not the
+   policy's first choice the reason becomes POWER_CAPPED, naming what was over budget.
+4. nothing fits → OVER_POWER_BUDGET with `power.on_no_fit` (queue or reject) and a retry-after.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from orchestrator.config.models import NoFitAction, RoutingKind, SLAClass, TandemConfig
+from orchestrator.core.estimates import Estimator, Placement
+from orchestrator.core.ports import CostModelPort
+from orchestrator.core.power import PowerAccountant
+from orchestrator.core.snapshot import ClusterSnapshot, RouteRequest, WorkerSnapshot
+from orchestrator.core.types import TandemError
+
+
+class UnknownSLAClass(TandemError, KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown SLA class"
+
+
+class UnknownRoutingPolicy(TandemError, KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown routing policy"
+
+
+class RouteReason(enum.StrEnum):
+    """Why a request went where it went (counted in metrics; one label value each)."""
+
+    LOCAL_FASTER = "local_faster"  # context-ttft: local predicted TTFT <= best remote (+ margin)
+    REMOTE_FASTER = "remote_faster"  # context-ttft: a remote prefill is predicted faster
+    COLOCATED = "colocated"  # no prefill pool in the cluster: prefill where decode runs
+    BELOW_THRESHOLD = "below_threshold"  # threshold: prompt < threshold → local
+    AT_OR_ABOVE_THRESHOLD = "at_or_above_threshold"  # threshold: prompt >= threshold → remote
+    TIER_LOCAL = "tier_local"  # tiers: the prompt's tier prefills locally
+    TIER_REMOTE = "tier_remote"  # tiers: the prompt's tier names a prefill pool
+    NO_PREFILL_WORKER = "no_prefill_worker"  # remote wanted, no healthy prefill worker: local
+    LEAST_ENERGY = "least_energy"  # power: fewest J/token among placements meeting the SLA
+    SLA_MISS_FASTEST = "sla_miss_fastest"  # power: nothing meets the SLA; the fastest placement
+    POWER_CAPPED = "power_capped"  # the policy's first choice was over budget; a later one fit
+    OVER_POWER_BUDGET = "over_power_budget"  # no placement fits the budget (queue or reject)
+    NO_KV_CAPACITY = "no_kv_capacity"  # no decode worker has free blocks for the request (queue)
+    NO_DECODE_WORKER = "no_decode_worker"  # no healthy decode-capable worker (reject)
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    """Where a request goes (or why it cannot go now), with the numbers that decided it."""
+
+    request_id: str
+    policy: RoutingKind
+    reason: RouteReason
+    arithmetic: str
+    decode_worker_id: str | None = None
+    prefill_worker_id: str | None = None  # None with a decode worker: local prefill
+    predicted_ttft_ms: float | None = None
+    predicted_tpot_ms: float | None = None
+    predicted_energy_j: float | None = None
+    predicted_power_w: float | None = None  # projected cluster power with this placement
+    no_fit: NoFitAction | None = None  # set when not placed: queue (retry later) or reject
+    retry_after_s: float | None = None
+
+    @property
+    def placed(self) -> bool:
+        return self.decode_worker_id is not None
+
+    @property
+    def local_prefill(self) -> bool:
+        return self.placed and self.prefill_worker_id is None
+
+    def key(self) -> tuple[str, str | None, str | None, str]:
+        """What the contract test compares between the simulator and the runtime."""
+        return (self.request_id, self.decode_worker_id, self.prefill_worker_id, self.reason.value)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A placement a policy proposes, with the reason and arithmetic it would be chosen for."""
+
+    placement: Placement
+    reason: RouteReason
+    arithmetic: str
+
+
+class RouteContext:
+    """What a policy may use: the config, the estimator (cost model), the power accountant."""
+
+    def __init__(self, config: TandemConfig, estimator: Estimator, power: PowerAccountant) -> None:
+        self.config = config
+        self.estimator = estimator
+        self.power = power
+
+    def sla(self, req: RouteRequest) -> SLAClass:
+        try:
+            return self.config.sla_class(req.sla_class)
+        except KeyError:
+            raise UnknownSLAClass(
+                f"{req.request_id}: unknown SLA class {req.sla_class!r}; "
+                f"classes: {', '.join(c.name for c in self.config.sla.classes)}"
+            ) from None
+
+    def best_remote(
+        self, req: RouteRequest, decode: WorkerSnapshot, prefills: Sequence[WorkerSnapshot]
+    ) -> list[Placement]:
+        """Remote placements on each prefill worker, fastest predicted TTFT first (ties: worker id)."""
+        est = [self.estimator.estimate(req, decode, p) for p in prefills]
+        return sorted(est, key=lambda e: (e.ttft_ms, e.prefill_worker_id or ""))
+
+
+class RoutingPolicy(Protocol):
+    kind: RoutingKind
+
+    def candidates(
+        self, req: RouteRequest, snap: ClusterSnapshot, decodes: Sequence[WorkerSnapshot], ctx: RouteContext
+    ) -> list[Candidate]:
+        """Placements in order of preference (non-empty; `decodes` is non-empty, least loaded first)."""
+        ...
+
+
+_REGISTRY: dict[RoutingKind, Callable[[Any], RoutingPolicy]] = {}
+
+
+def register_policy(kind: RoutingKind) -> Callable[[Callable[[Any], RoutingPolicy]], Callable[[Any], RoutingPolicy]]:
+    """Class decorator: make a policy selectable by `routing.kind` in the config."""
+
+    def deco(factory: Callable[[Any], RoutingPolicy]) -> Callable[[Any], RoutingPolicy]:
+        _REGISTRY[kind] = factory
+        return factory
+
+    return deco
+
+
+def make_policy(routing_cfg: Any) -> RoutingPolicy:
+    from orchestrator.core import policies  # noqa: F401  (registers the built-in policies)
+
+    kind = RoutingKind(routing_cfg.kind)
+    try:
+        factory = _REGISTRY[kind]
+    except KeyError:
+        raise UnknownRoutingPolicy(f"no routing policy registered for {kind.value!r}") from None
+    return factory(routing_cfg)
+
+
+def least_loaded_key(w: WorkerSnapshot) -> tuple[int, int, str]:
+    """Decode worker order: fewest sequences (running + waiting), then most free blocks, then id."""
+    return (w.running_batch + w.waiting, -w.free_kv_blocks, w.worker_id)
+
+
+class Router:
+    """Routes requests by the config's policy, the cost model and the power budget."""
+
+    def __init__(
+        self, config: TandemConfig, cost_model: CostModelPort, *, power: PowerAccountant | None = None
+    ) -> None:
+        self.config = config
+        self.policy = make_policy(config.routing)
+        self.power = power or PowerAccountant(cost_model, config.power)
+        self.estimator = Estimator(config, cost_model, self.power)
+        self.ctx = RouteContext(config, self.estimator, self.power)
+
+    @property
+    def kind(self) -> RoutingKind:
+        return self.policy.kind
+
+    def decode_candidates(self, req: RouteRequest, snap: ClusterSnapshot) -> list[WorkerSnapshot]:
+        return sorted((w for w in snap.decode_workers() if w.fits(req)), key=least_loaded_key)
+
+    def route(self, req: RouteRequest, snap: ClusterSnapshot) -> RouteDecision:
+        """Decide where `req` goes. Pure: reads the snapshot, changes nothing."""
+        kind = self.policy.kind
+        healthy = snap.decode_workers()
+        if not healthy:
+            return RouteDecision(
+                req.request_id, kind, RouteReason.NO_DECODE_WORKER,
+                "no healthy decode-capable worker", no_fit=NoFitAction.REJECT,
+                retry_after_s=self.config.admission.min_retry_after_s,
+            )
+        decodes = self.decode_candidates(req, snap)
+        if not decodes:
+            most = max(healthy, key=lambda w: (w.free_kv_blocks, w.worker_id))
+            need = math.ceil(req.kv_tokens / most.block_size)
+            return RouteDecision(
+                req.request_id, kind, RouteReason.NO_KV_CAPACITY,
+                f"needs {need} KV blocks ({req.kv_tokens} tokens); most free: {most.free_kv_blocks} on {most.worker_id}",
+                no_fit=NoFitAction.QUEUE, retry_after_s=self.config.admission.min_retry_after_s,
+            )
+        cands = self.policy.candidates(req, snap, decodes, self.ctx)
+        first_why = ""
+        for i, c in enumerate(cands):
+            pl = c.placement
+            prefill = None if pl.prefill_worker_id is None else snap.worker(pl.prefill_worker_id)
+            proj = self.power.project(snap, prefill, snap.worker(pl.decode_worker_id))
+            if not proj.fits:
+                if i == 0:
+                    first_why = proj.why
+                continue
+            reason, arith = c.reason, c.arithmetic
+            if i > 0:
+                reason = RouteReason.POWER_CAPPED
+                arith = (
+                    f"{cands[0].arithmetic}; over budget ({first_why}); took {pl.describe()} "
+                    f"at {proj.after_w:.0f} W"
+                )
+            elif self.config.power is not None:
+                arith += f"; power {proj.after_w:.0f}/{self.config.power.cluster_w:.0f} W"
+            return RouteDecision(
+                req.request_id, kind, reason, arith, pl.decode_worker_id, pl.prefill_worker_id,
+                pl.ttft_ms, pl.tpot_ms, pl.energy_j, proj.after_w,
+            )
+        assert self.config.power is not None, "only a budget can refuse every placement"
+        return RouteDecision(
+            req.request_id, kind, RouteReason.OVER_POWER_BUDGET,
+            f"{len(cands)} placement(s), none fits: {first_why}; headroom "
+            f"{self.power.headroom_w(snap):.0f} W",
+            no_fit=self.config.power.on_no_fit, retry_after_s=self.retry_after_s(snap),
+        )
+
+    def best_ttft_ms(self, req: RouteRequest, snap: ClusterSnapshot) -> float | None:
+        """The lowest predicted TTFT over the least-loaded decode worker and every prefill worker
+        (None when no decode worker could take the request). Admission uses it for the SLA check."""
+        decodes = self.decode_candidates(req, snap)
+        if not decodes:
+            return None
+        d = decodes[0]
+        best = self.estimator.estimate(req, d, None).ttft_ms
+        for p in snap.prefill_workers():
+            best = min(best, self.estimator.estimate(req, d, p).ttft_ms)
+        return best
+
+    def retry_after_s(self, snap: ClusterSnapshot) -> float:
+        """When watts should free up: the shortest queued prefill work among busy workers."""
+        floor = self.config.admission.min_retry_after_s
+        busy = [self.estimator.prefill_s(w, w.queued_prefill_tokens) for w in snap.workers if w.prefill_busy]
+        return max(floor, float(math.ceil(min(busy)))) if busy else floor
+
+
+__all__ = [
+    "Candidate",
+    "RouteContext",
+    "RouteDecision",
+    "RouteReason",
+    "Router",
+    "RoutingPolicy",
+    "UnknownRoutingPolicy",
+    "UnknownSLAClass",
+    "least_loaded_key",
+    "make_policy",
+    "register_policy",
+]

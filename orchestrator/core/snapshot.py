@@ -1,0 +1,116 @@
+"""The router's read-only view of the cluster, and the request facts it routes on.
+
+The runtime builds a `ClusterSnapshot` from worker telemetry; the simulator builds one from its
+simulated fleet. Both hand it to the same `Router`. Snapshots are frozen; workers are kept sorted
+by `worker_id` so that every scan over them is deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from orchestrator.core.types import Role, TandemError
+
+
+class InvalidRequest(TandemError, ValueError):
+    """A RouteRequest with impossible numbers (negative tokens, …)."""
+
+
+@dataclass(frozen=True)
+class RouteRequest:
+    """What the router and admission know of a request."""
+
+    request_id: str
+    prompt_tokens: int
+    max_tokens: int
+    sla_class: str | None = None  # None = the config's default class
+    arrival_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt_tokens, int) or self.prompt_tokens < 1:
+            raise InvalidRequest(f"{self.request_id}: prompt_tokens must be an integer >= 1, got {self.prompt_tokens!r}")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise InvalidRequest(f"{self.request_id}: max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+
+    @property
+    def kv_tokens(self) -> int:
+        """Tokens whose KV the decode worker must hold by the end: prompt + every generated token."""
+        return self.prompt_tokens + self.max_tokens
+
+
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """KV blocks needed to hold num_tokens tokens at block_size tokens per block."""
+    return math.ceil(num_tokens / block_size)
+
+
+@dataclass(frozen=True)
+class WorkerSnapshot:
+    """One worker as the router sees it at one instant."""
+
+    worker_id: str
+    pool: str
+    role: Role
+    hardware: str  # key into the hardware catalog
+    healthy: bool = True
+    queued_prefill_tokens: int = 0  # prompt tokens waiting for or in prefill on this worker
+    running_batch: int = 0  # sequences in the decode batch
+    waiting: int = 0  # requests queued on this worker (e.g. for KV blocks)
+    free_kv_blocks: int = 0
+    total_kv_blocks: int = 0
+    block_size: int = 16
+    power_w: float | None = None  # live reading; None = model it
+
+    @property
+    def can_prefill(self) -> bool:
+        return self.healthy and self.role in (Role.PREFILL, Role.BOTH, Role.DECODE)
+
+    @property
+    def can_decode(self) -> bool:
+        return self.healthy and self.role in (Role.DECODE, Role.BOTH)
+
+    @property
+    def is_prefill_pool(self) -> bool:
+        return self.role is Role.PREFILL
+
+    @property
+    def prefill_busy(self) -> bool:
+        return self.queued_prefill_tokens > 0
+
+    @property
+    def decode_busy(self) -> bool:
+        return self.running_batch > 0
+
+    def fits(self, req: RouteRequest) -> bool:
+        """Enough free KV blocks to hold the request to its last token."""
+        return self.free_kv_blocks >= blocks_for(req.kv_tokens, self.block_size)
+
+
+@dataclass(frozen=True)
+class ClusterSnapshot:
+    """Every worker at one instant, sorted by worker_id, plus cluster-level power facts."""
+
+    workers: tuple[WorkerSnapshot, ...]
+    time_s: float = 0.0
+    measured_power_w: float | None = None  # cluster total from meters, when every worker has one
+    _by_id: dict[str, WorkerSnapshot] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        ordered = tuple(sorted(self.workers, key=lambda w: w.worker_id))
+        ids = [w.worker_id for w in ordered]
+        if len(set(ids)) != len(ids):
+            dup = sorted({i for i in ids if ids.count(i) > 1})
+            raise InvalidRequest(f"duplicate worker ids in snapshot: {', '.join(dup)}")
+        object.__setattr__(self, "workers", ordered)
+        object.__setattr__(self, "_by_id", {w.worker_id: w for w in ordered})
+
+    def worker(self, worker_id: str) -> WorkerSnapshot:
+        return self._by_id[worker_id]
+
+    def decode_workers(self) -> list[WorkerSnapshot]:
+        """Healthy decode-capable workers (roles decode and both), by worker_id."""
+        return [w for w in self.workers if w.can_decode]
+
+    def prefill_workers(self, pool: str | None = None) -> list[WorkerSnapshot]:
+        """Healthy workers of prefill pools (role prefill), optionally of one pool, by worker_id."""
+        return [w for w in self.workers if w.healthy and w.role is Role.PREFILL and (pool is None or w.pool == pool)]

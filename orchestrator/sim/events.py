@@ -1,0 +1,85 @@
+"""The event loop: a heap of timed events whose handlers return new events.
+
+An event is `(time_s, seq, handler, arg)`. `seq` breaks ties in scheduling order, so two events
+at the same instant run first-scheduled-first (the simulation is deterministic). A handler is
+called as `handler(arg)` with the loop's `now_s` already set to the event's time and returns
+None, one `(time_s, handler, arg)` triple, or a list of them. Scheduling into the past is an
+internal error (`SimulationError`).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable
+from typing import Any
+
+from orchestrator.core.types import TandemError
+
+Handler = Callable[[Any], Any]
+
+
+class SimulationError(TandemError, RuntimeError):
+    """The simulation reached a state that should be impossible (a bug, not bad input)."""
+
+
+class EventLoop:
+    """A min-heap of events in simulated seconds."""
+
+    __slots__ = ("_heap", "_seq", "now_s", "events_run")
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Handler, Any]] = []
+        self._seq = 0
+        self.now_s = 0.0
+        self.events_run = 0
+
+    def schedule(self, time_s: float, handler: Handler, arg: Any = None) -> None:
+        """Run `handler(arg)` at `time_s` (>= now)."""
+        if time_s < self.now_s:
+            raise SimulationError(f"event scheduled at {time_s} s, before now ({self.now_s} s)")
+        self._seq += 1
+        heapq.heappush(self._heap, (time_s, self._seq, handler, arg))
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def run(self, until_s: float = math.inf, progress: Callable[[float], None] | None = None,
+            progress_every: int = 65536) -> float:
+        """Run events in time order until the heap is empty or the next event is after `until_s`.
+
+        Returns the time of the last event run. `progress(now_s)` is called every
+        `progress_every` events (for a progress bar).
+        """
+        heap = self._heap
+        pop = heapq.heappop
+        push = heapq.heappush
+        seq = self._seq
+        n = 0
+        while heap:
+            if heap[0][0] > until_s:
+                break
+            t, _, handler, arg = pop(heap)
+            self.now_s = t
+            self._seq = seq
+            out = handler(arg)
+            seq = self._seq
+            n += 1
+            if out is not None:
+                if type(out) is tuple:
+                    tt = out[0]
+                    if tt < t:
+                        raise SimulationError(f"handler {handler} returned an event at {tt} s < now {t} s")
+                    seq += 1
+                    push(heap, (tt, seq, out[1], out[2]))
+                else:
+                    for tt, h, a in out:
+                        if tt < t:
+                            raise SimulationError(f"handler {handler} returned an event at {tt} s < now {t} s")
+                        seq += 1
+                        push(heap, (tt, seq, h, a))
+            if progress is not None and n % progress_every == 0:
+                progress(t)
+        self._seq = seq
+        self.events_run += n
+        return self.now_s

@@ -1,0 +1,369 @@
+"""The simulator: turns the core's decisions into timed events over a simulated fleet.
+
+A request's life, as events (times from the core's cost model, decisions from the core's
+admission and router through `orchestrator.sim.bridge`):
+
+    arrival ── admission: reject → done (rejected) │ queue → arrival again after retry_after_s
+            └─ admit → router: (decode worker, prefill worker or local)
+                 → the decode worker reserves KV blocks for prompt + output tokens
+                   (FIFO wait while it has too few free blocks; a request larger than the whole
+                   cache is rejected as `kv_capacity`)
+                 → remote: prefill worker queue → prefill batch → KV transfer (exposed part) → decode
+                   local: the decode worker's own prefill queue → prefill batch → decode
+    decode worker, at each iteration boundary: sequences whose KV arrived join the batch; pending
+    local prefills run first (one prefill batch, no chunking); otherwise one decode step for the
+    whole batch, each sequence emitting one token. The first decode step after joining emits
+    the first token (TTFT = queueing + prefill + exposed transfer + first step).
+    A sequence that has emitted `output_tokens` tokens leaves and frees its blocks at that step.
+
+Nothing here chooses a worker, an order of admission or a threshold: those are the core's. The
+simulator owns only mechanics: queues, batch formation limits from the config (max batch size,
+prefill token budget), block accounting, and time.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import math
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol
+
+from orchestrator.core.types import Role
+from orchestrator.sim.events import EventLoop, SimulationError
+from orchestrator.sim.fleet import FleetPower, SimWorker, WorkerPhase
+from orchestrator.sim.report import Recorder, SimReport
+from orchestrator.sim.workload import SimRequest
+
+
+RUN_STEPS = 64  # most decode steps computed ahead in one event (a run ends early at a finish or an arrival)
+
+
+class Decisions(Protocol):
+    """What the simulator asks the core (implemented by `orchestrator.sim.bridge.CoreBridge`)."""
+
+    def offer(self, req: SimRequest, now_s: float) -> tuple[str, Any]:
+        """Admission + routing of an arrival: ("placed", (decode index, prefill index or -1, reason)),
+        ("queued", reason) or ("rejected", reason)."""
+        ...
+
+    def drain(self, now_s: float) -> list[tuple[SimRequest, str, Any]]:
+        """Queued requests that can now be placed (or must be rejected), in order."""
+        ...
+
+    @property
+    def queued(self) -> int:
+        """Requests parked by admission."""
+        ...
+
+    def mark(self, worker: SimWorker) -> None:
+        """The worker's load changed (its snapshot must be refreshed before the next decision)."""
+        ...
+
+    def abandon(self) -> list[SimRequest]:
+        """At the end of a run: take back every request still parked by admission."""
+        ...
+
+
+class CostFns(Protocol):
+    """The cost-model calls the event handlers make (`orchestrator.sim.costs.SimCosts`)."""
+
+    def prefill_batch_time_s(self, hw: Any, token_counts: list[int], *, linear_mode: Any) -> float: ...
+
+    def decode_step_time_totals_s(self, hw: Any, batch: int, total_context: int, *, linear_mode: Any,
+                                  kv_dtype: Any) -> float: ...
+
+    def exposed_transfer_time_s(self, hw_prefill: Any, num_tokens: int, kv_dtype: Any, link: Any = None,
+                                *, linear_mode: Any) -> float: ...
+
+
+class Simulator:
+    """One run: a fleet, the core's decisions, the cost model, and a workload."""
+
+    def __init__(self, workers: list[SimWorker], decisions: Decisions, cost: CostFns,
+                 sla_of: Callable[[str | None], tuple[float, float]], *, power_bucket_s: float = 1.0,
+                 record_timeline: bool = False, record_decisions: bool = False, link: Any = None) -> None:
+        self.workers = workers
+        self.link = link  # the prefill→decode link (None: the catalog's default)
+        self.decisions = decisions
+        self.cost = cost
+        self.loop = EventLoop()
+        self.fleet_power = FleetPower(power_bucket_s, record_timeline)
+        self.recorder = Recorder(sla_of)
+        self.decision_log: list[tuple[int, int, int, str]] | None = [] if record_decisions else None
+        self._arrivals: Iterator[SimRequest] | None = None
+        self.arrived = 0
+        self.in_flight = 0
+
+    # ------------------------------------------------------------------ driver
+
+    def run(self, requests: Iterable[SimRequest], *, until_s: float = math.inf,
+            progress: Callable[[float, int], None] | None = None) -> SimReport:
+        """Replay the requests to completion (or until `until_s`) and return the report."""
+        self._arrivals = iter(requests)
+        self.fleet_power.start(0.0, sum(w.power_w for w in self.workers))
+        first = self._next_arrival()
+        if first is not None:
+            self.loop.schedule(*first)
+        cb = None if progress is None else (lambda t: progress(t, self.arrived))
+        end = self.loop.run(until_s, cb)
+        if not self.loop._heap:  # ran to completion: what admission still holds was never placed
+            for req in self.decisions.abandon():
+                self.recorder.rejected(req, "never_placed")
+                self.in_flight -= 1
+        for w in self.workers:
+            w.close(end)
+        self.fleet_power.advance(end)
+        return self.recorder.report(self, end)
+
+    def _next_arrival(self) -> tuple[float, Callable[[Any], Any], Any] | None:
+        assert self._arrivals is not None
+        req = next(self._arrivals, None)
+        if req is None:
+            return None
+        if req.arrival_s < self.loop.now_s:
+            raise SimulationError(f"workload not in arrival order at request {req.request_id}")
+        return (req.arrival_s, self._on_arrival, req)
+
+    # ------------------------------------------------------------------ handlers (return new events)
+
+    def _on_arrival(self, req: SimRequest) -> list:
+        t = self.loop.now_s
+        out: list = []
+        self.arrived += 1
+        self.in_flight += 1
+        nxt = self._next_arrival()
+        if nxt is not None:
+            out.append(nxt)
+        status, info = self.decisions.offer(req, t)
+        if status == "placed":
+            self._dispatch(req, info, t, out)
+        elif status == "rejected":
+            self.recorder.rejected(req, info)
+            self.in_flight -= 1
+        else:
+            self.recorder.queued_by_admission += 1
+        return out
+
+    def _drain_admission(self, t: float, out: list) -> None:
+        for req, status, info in self.decisions.drain(t):
+            if status == "placed":
+                self._dispatch(req, info, t, out)
+            else:
+                self.recorder.rejected(req, info)
+                self.in_flight -= 1
+
+    def _dispatch(self, req: SimRequest, placement: tuple[int, int, str], t: float, out: list) -> None:
+        d_idx, p_idx, reason = placement
+        if self.decision_log is not None:
+            self.decision_log.append((req.request_id, d_idx, p_idx, reason))
+        self.recorder.decided(reason)
+        d = self.workers[d_idx]
+        req.decode_worker = d
+        req.prefill_worker = self.workers[p_idx] if p_idx >= 0 else None
+        req.reason = reason
+        need = d.blocks_for(req.prompt_tokens + req.output_tokens)
+        if need > d.total_blocks:
+            self.recorder.rejected(req, "kv_capacity")
+            self.in_flight -= 1
+            return
+        req.blocks = need
+        d.pending += 1
+        if not d.reserve_q and d.free_blocks >= need:
+            self._reserved(req, t, out)
+        else:
+            req.mark_s = t
+            d.reserve_q.append(req)
+            if len(d.reserve_q) > d.max_reserve_q:
+                d.max_reserve_q = len(d.reserve_q)
+            self.decisions.mark(d)
+
+    def _reserved(self, req: SimRequest, t: float, out: list) -> None:
+        d = req.decode_worker
+        d.free_blocks -= req.blocks
+        self.decisions.mark(d)
+        p = req.prefill_worker or d
+        req.mark_s = t
+        p.prefill_q.append(req)
+        p.prefill_q_tokens += req.prompt_tokens
+        if len(p.prefill_q) > p.max_prefill_q:
+            p.max_prefill_q = len(p.prefill_q)
+        if p is not d:
+            self.decisions.mark(p)
+        if p.phase is WorkerPhase.IDLE:
+            ev = self._iterate(p, t)
+            if ev is not None:
+                out.append(ev)
+        elif p.phase is WorkerPhase.DECODE and p.num_running + len(p.ready) < p.max_num_seqs:
+            self._cut_run(p, t)
+
+    def _on_prefill_done(self, w: SimWorker) -> list:
+        t = self.loop.now_s
+        out: list = []
+        batch = w.batch
+        w.batch = []
+        w.batch_tokens = 0
+        cost = self.cost
+        link = self.link
+        for req in batch:
+            d = req.decode_worker
+            if d is w:
+                w.ready.append(req)
+            else:
+                dt = cost.exposed_transfer_time_s(w.hardware, req.prompt_tokens, w.kv_dtype, link,
+                                                  linear_mode=w.linear_mode)
+                out.append((t + dt, self._on_kv_arrived, req))
+        ev = self._iterate(w, t)
+        if ev is not None:
+            out.append(ev)
+        self.decisions.mark(w)
+        return out
+
+    def _on_kv_arrived(self, req: SimRequest) -> tuple | None:
+        d = req.decode_worker
+        d.ready.append(req)
+        if d.phase is WorkerPhase.IDLE:
+            return self._iterate(d, self.loop.now_s)
+        if d.phase is WorkerPhase.DECODE and d.num_running < d.max_num_seqs:
+            self._cut_run(d, self.loop.now_s)
+        return None
+
+    def _on_step_done(self, arg: tuple[SimWorker, int]) -> list | tuple | None:
+        w, version = arg
+        if version != w.run_version:
+            return None  # this run was cut short; its replacement event ends it
+        t = self.loop.now_s
+        bounds = w.run_bounds
+        k = len(bounds)
+        if k == w.run_len and k < RUN_STEPS:
+            w.run_len = k * 2  # ran to the end: look further ahead next time
+        w.step += k
+        step = w.step
+        w.tokens_out += w.num_running * k
+        w.decode_steps += k
+        if w.new_joined:
+            first = bounds[0]
+            for req in w.new_joined:
+                req.first_token_s = first
+            w.new_joined = []
+        heap = w.finish_heap
+        out: list = []
+        if heap[0][0] <= step:
+            rec = self.recorder
+            pop = heapq.heappop
+            while heap and heap[0][0] <= step:
+                req = pop(heap)[2]
+                w.num_running -= 1
+                w.sum_bases -= req.prompt_tokens - req.join_step
+                req.finish_s = t
+                w.free_blocks += req.blocks
+                rec.finished(req)
+                self.in_flight -= 1
+            self._drain_reserve(w, t, out)
+            self.decisions.mark(w)
+            ev = self._iterate(w, t)
+            if self.decisions.queued:
+                self._drain_admission(t, out)
+            if ev is not None:
+                out.append(ev)
+            return out
+        ev = self._iterate(w, t)
+        if ev is not None:
+            if not out:
+                return ev
+            out.append(ev)
+        return out or None
+
+    # ------------------------------------------------------------------ mechanics
+
+    def _drain_reserve(self, d: SimWorker, t: float, out: list) -> None:
+        q = d.reserve_q
+        while q and q[0].blocks <= d.free_blocks:
+            req = q.popleft()
+            d.reserve_wait_s += t - req.mark_s
+            d.reserve_waits += 1
+            self._reserved(req, t, out)
+
+    def _iterate(self, w: SimWorker, t: float) -> tuple | None:
+        """Start the worker's next iteration at time t; the event that ends it, or None (idle)."""
+        if w.ready:
+            room = w.max_num_seqs - w.num_running
+            if room > 0:
+                take = w.ready[:room]
+                del w.ready[:room]
+                step = w.step
+                push = heapq.heappush
+                heap = w.finish_heap
+                for req in take:
+                    req.join_step = step
+                    w.sum_bases += req.prompt_tokens - step
+                    push(heap, (step + req.output_tokens, req.request_id, req))
+                w.num_running += len(take)
+                w.pending -= len(take)
+                w.new_joined.extend(take)
+        q = w.prefill_q
+        if q and (w.role is Role.PREFILL or w.num_running + len(w.ready) < w.max_num_seqs):
+            budget = w.max_batch_tokens
+            limit = (1 << 30) if w.role is Role.PREFILL else w.max_num_seqs - w.num_running - len(w.ready)
+            req = q.popleft()
+            batch = [req]
+            tokens = req.prompt_tokens
+            wait = t - req.mark_s
+            while q and len(batch) < limit and tokens + q[0].prompt_tokens <= budget:
+                req = q.popleft()
+                batch.append(req)
+                tokens += req.prompt_tokens
+                wait += t - req.mark_s
+            w.prefill_q_tokens -= tokens
+            w.batch_tokens = tokens
+            w.prefill_wait_s += wait
+            w.prefill_waits += len(batch)
+            w.batch = batch
+            w.prefill_batches += 1
+            w.prefill_tokens += tokens
+            dt = self.cost.prefill_batch_time_s(w.hardware, [r.prompt_tokens for r in batch],
+                                                linear_mode=w.linear_mode)
+            w.set_phase(t, WorkerPhase.PREFILL, self.fleet_power)
+            return (t + dt, self._on_prefill_done, w)
+        n = w.num_running
+        if n:
+            # A run of decode steps up to the next finish (at most RUN_STEPS): the batch cannot
+            # change before then unless something arrives, and `_cut_run` ends the run at the
+            # step boundary after that arrival — the same boundaries as one event per step.
+            k = w.finish_heap[0][0] - w.step
+            if k > w.run_len:
+                k = w.run_len
+            ctx = w.sum_bases + n * w.step
+            step_time = self.cost.decode_step_time_totals_s
+            hw, lm, kv = w.hardware, w.linear_mode, w.kv_dtype
+            bounds = []
+            tt = t
+            for _ in range(k):
+                tt += step_time(hw, n, ctx, linear_mode=lm, kv_dtype=kv)
+                bounds.append(tt)
+                ctx += n
+            w.run_bounds = bounds
+            w.run_version += 1
+            w.set_phase(t, WorkerPhase.DECODE, self.fleet_power)
+            return (tt, self._on_step_done, (w, w.run_version))
+        w.set_phase(t, WorkerPhase.IDLE, self.fleet_power)
+        return None
+
+    def _cut_run(self, w: SimWorker, t: float) -> None:
+        """End the worker's decode run at the first step boundary at or after t."""
+        bounds = w.run_bounds
+        i = bisect.bisect_left(bounds, t)
+        if i < len(bounds) - 1:
+            del bounds[i + 1:]
+            w.run_version += 1
+            w.run_len = max(1, w.run_len // 2)  # runs here get cut: compute fewer steps ahead
+            self.loop.schedule(bounds[i], self._on_step_done, (w, w.run_version))
+
+    # ------------------------------------------------------------------ checks
+
+    def leak_report(self) -> list[str]:
+        """Everything still held after a run to completion (empty = nothing leaked)."""
+        out = [msg for w in self.workers for msg in w.leak_report()]
+        if self.in_flight:
+            out.append(f"{self.in_flight} requests neither finished nor rejected")
+        return out

@@ -1,0 +1,105 @@
+"""Prefill time and decode tokens/s of a Llama-3.1-8B-shaped stack on one GPU: bf16 vs FP8.
+
+Usage (GPU machine, repo root): python scripts/bench_engine.py [--out PATH] [--batches 1,16,64]
+                                  [--contexts 1024,2048,8192] [--prompts 1024,8192]
+Measures workers/kernels/bench_stack.Stack (random weights; the engine's hot path written with this
+package's kernels; decode steps replayed as CUDA graphs), not workers/engine itself — see the README.
+Prints a table and the two engine targets last; writes JSON with device, date and versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from workers.kernels.bench_stack import Shape, Stack, time_decode_step_ms, time_prefill_ms  # noqa: E402
+from workers.kernels.benchmarking import env_info, table  # noqa: E402
+
+MODES = {"bf16": dict(fp8=False, kv_fp8=False), "fp8": dict(fp8=True, kv_fp8=True)}
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--contexts", default="1024,2048,8192")
+    ap.add_argument("--prompts", default="1024,8192")
+    ap.add_argument("--layers", type=int, default=32)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_engine needs a CUDA GPU", file=sys.stderr)
+        return 2
+    os.environ.pop("TRITON_INTERPRET", None)
+    shape = Shape(layers=args.layers)
+    batches, contexts, prompts = _ints(args.batches), _ints(args.contexts), _ints(args.prompts)
+    max_tokens = max(max(batches) * max(contexts), max(prompts))
+    res: dict = {"env": env_info(), "shape": shape.__dict__, "what": "workers/kernels/bench_stack.Stack, random weights",
+                 "prefill": [], "decode": []}
+    print(res["env"], flush=True)
+    for mode, kw in MODES.items():
+        torch.cuda.empty_cache()
+        probe = Stack(shape, kv_fp8=kw["kv_fp8"], fp8=kw["fp8"], max_tokens=16, distinct_kv_layers=1)
+        free = torch.cuda.mem_get_info()[0]
+        per_layer = 2 * max_tokens * shape.kv_heads * shape.head_dim * (1 if kw["kv_fp8"] else 2)
+        per_layer += 2 * max_tokens * shape.kv_heads * 4 if kw["kv_fp8"] else 0
+        distinct = max(1, min(shape.layers, int((free - (8 << 30)) // per_layer)))
+        del probe
+        gc.collect()
+        torch.cuda.empty_cache()
+        stack = Stack(shape, kv_fp8=kw["kv_fp8"], fp8=kw["fp8"], max_tokens=max_tokens, distinct_kv_layers=distinct)
+        print(f"[{mode}] {distinct} distinct KV layers of {per_layer / 2**30:.2f} GiB", flush=True)
+        for p in prompts:
+            ms = time_prefill_ms(stack, p)
+            res["prefill"].append(dict(mode=mode, prompt=p, prefill_ms=ms, tokens_per_s=p / ms * 1e3))
+            print(f"[{mode}] prefill {p}: {ms:.1f} ms", flush=True)
+        for b in batches:
+            for c in contexts:
+                ms = time_decode_step_ms(stack, b, c)
+                res["decode"].append(dict(mode=mode, batch=b, ctx=c, step_ms=ms, tokens_per_s=b / ms * 1e3,
+                                          distinct_kv_layers=distinct))
+                print(f"[{mode}] decode B={b} ctx={c}: {ms:.2f} ms/step, {b / ms * 1e3:.0f} tok/s", flush=True)
+        del stack
+        gc.collect()
+        torch.cuda.empty_cache()
+    pre = {(r["mode"], r["prompt"]): r["prefill_ms"] for r in res["prefill"]}
+    dec = {(r["mode"], r["batch"], r["ctx"]): r["tokens_per_s"] for r in res["decode"]}
+    rows = []
+    for p in prompts:
+        rows.append(dict(what=f"prefill {p} tokens, fp8/bf16 time", ratio=pre[("fp8", p)] / pre[("bf16", p)],
+                         bf16=pre[("bf16", p)], fp8=pre[("fp8", p)]))
+    for b in batches:
+        for c in contexts:
+            rows.append(dict(what=f"decode B={b} ctx={c}, fp8/bf16 tok/s", ratio=dec[("fp8", b, c)] / dec[("bf16", b, c)],
+                             bf16=dec[("bf16", b, c)], fp8=dec[("fp8", b, c)]))
+    res["ratios"] = rows
+    targets = []
+    if ("fp8", 64, 2048) in dec:
+        r = dec[("fp8", 64, 2048)] / dec[("bf16", 64, 2048)]
+        targets.append(dict(target="decode tok/s fp8/bf16 at B=64, 2K >= 1.6", measured=round(r, 3), ok=r >= 1.6))
+    if ("fp8", 8192) in pre:
+        r = pre[("fp8", 8192)] / pre[("bf16", 8192)]
+        targets.append(dict(target="prefill 8K time fp8/bf16 <= 0.65", measured=round(r, 3), ok=r <= 0.65))
+    res["targets"] = targets
+    print(table("\n== engine stack (8B shape) ==", rows, ["what", "bf16", "fp8", "ratio"]))
+    print(table("\n== targets ==", targets, ["target", "measured", "ok"]))
+    out = args.out or os.path.join(os.environ.get("OUT", "benchmarks"), "engine-stack.json")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(res, indent=1, default=str))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

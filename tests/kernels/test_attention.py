@@ -1,0 +1,65 @@
+"""Paged decode attention (FP8 and bf16 KV) against the torch reference, split and unsplit."""
+
+import math
+
+import pytest
+import torch
+
+from tests.kernels.conftest import DEVICES, rel_err
+from workers.kernels import reference as R
+from workers.kernels._common import KernelInputError
+from workers.kernels.attention import paged_decode_attention
+from workers.kernels.kv_cache import kv_write
+
+
+def _filled_cache(lens, Hkv, D, bs, dtype, dev, gen):
+    """A paged cache holding random K/V for each sequence, in shuffled blocks; returns caches and block table."""
+    blocks = [math.ceil(n / bs) for n in lens]
+    nb = sum(blocks) + 3
+    kc = torch.zeros(nb, bs, Hkv, D, device=dev).to(dtype)
+    vc = torch.zeros_like(kc)
+    fp8 = dtype != torch.bfloat16
+    ks = torch.zeros(nb, bs, Hkv, device=dev) if fp8 else None
+    vs = torch.zeros(nb, bs, Hkv, device=dev) if fp8 else None
+    perm = torch.randperm(nb, generator=gen)
+    table = torch.zeros(len(lens), max(blocks) + 2, dtype=torch.int32)
+    i = 0
+    for b, n in enumerate(lens):
+        table[b, : blocks[b]] = perm[i : i + blocks[b]]
+        i += blocks[b]
+        t = torch.arange(n)
+        slots = (table[b].long()[t // bs] * bs + t % bs).to(dev)
+        k = (torch.randn(n, Hkv, D, generator=gen) * 2).to(torch.bfloat16).to(dev)
+        v = torch.randn(n, Hkv, D, generator=gen).to(torch.bfloat16).to(dev)
+        kv_write(k, v, slots, kc, vc, ks, vs)
+    return kc, vc, ks, vs, table.to(dev)
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.bfloat16])
+@pytest.mark.parametrize("num_splits", [1, 3, None])
+def test_paged_decode_attention(dev, dtype, num_splits, gen):
+    if dev == "cpu":
+        lens, Hq, Hkv, D, bs, block_t = [1, 77, 150], 8, 2, 64, 16, 64
+    else:
+        lens, Hq, Hkv, D, bs, block_t = [1, 77, 1000, 4099, 8192], 32, 8, 128, 16, None  # measured defaults
+    kc, vc, ks, vs, table = _filled_cache(lens, Hkv, D, bs, dtype, dev, gen)
+    q = torch.randn(len(lens), Hq, D, generator=gen).to(torch.bfloat16).to(dev)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
+    out = torch.full_like(q, float("nan"))
+    out = paged_decode_attention(q, kc, vc, table, seq_lens, D**-0.5, ks, vs, num_splits=num_splits,
+                                 block_t=block_t)
+    ref = R.paged_decode_attention_ref(q, kc, vc, table, seq_lens, D**-0.5, ks, vs)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert rel_err(out, ref) < 4e-3
+
+
+def test_attention_rejects_bad_inputs():
+    q = torch.randn(2, 6, 32).to(torch.bfloat16)
+    kc = torch.zeros(4, 8, 4, 32).to(torch.bfloat16)
+    with pytest.raises(KernelInputError, match="multiple of KV heads"):
+        paged_decode_attention(q, kc, kc, torch.zeros(2, 2, dtype=torch.int32), torch.ones(2, dtype=torch.int32), 1.0)
+    kc8 = kc.to(torch.float8_e4m3fn)
+    q = torch.randn(2, 8, 32).to(torch.bfloat16)
+    with pytest.raises(KernelInputError, match="k_scale"):
+        paged_decode_attention(q, kc8, kc8, torch.zeros(2, 2, dtype=torch.int32), torch.ones(2, dtype=torch.int32), 1.0)

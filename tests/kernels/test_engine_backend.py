@@ -1,0 +1,86 @@
+"""The engine seam: our adapters match the engine's own reference ops, signature for signature."""
+
+import pytest
+import torch
+
+from orchestrator.core.types import KVDtype
+from tests.kernels.conftest import DEVICES, rel_err
+from workers.engine import ops
+from workers.kernels import engine_backend as eb
+
+
+def test_registers_for_cuda_only():
+    assert eb.register() is True
+    assert ops.registered_backends()[eb.BACKEND_NAME] == "cuda"
+    assert ops.get_ops("cpu").backend == ops.REFERENCE  # CPU engines keep the torch reference
+    assert ops.get_ops("cpu", backend=eb.BACKEND_NAME).rms_norm is eb.rms_norm
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_adapters_match_engine_reference(dev, gen):
+    R = ops.REFERENCE_OPS
+    f8 = torch.float8_e4m3fn
+    T, h, inter, N = 5, 128, 96, 160
+    x = torch.randn(T, h, generator=gen).to(torch.bfloat16).to(dev)
+    w = (1 + 0.1 * torch.randn(h, generator=gen)).to(torch.bfloat16).to(dev)
+    assert rel_err(eb.rms_norm(x, w, 1e-5), R.rms_norm(x, w, 1e-5)) < 8e-3
+    gu = torch.randn(T, 2 * inter, generator=gen).to(torch.bfloat16).to(dev)
+    assert rel_err(eb.silu_mul(gu), R.silu_mul(gu)) < 8e-3
+    for mine, ref, args in ((eb.quantize_rows, R.quantize_rows, (x, f8)),
+                            (eb.rms_norm_quant_op, R.rms_norm_quant, (x, w, 1e-5, f8)),
+                            (eb.silu_mul_quant_op, R.silu_mul_quant, (gu, f8))):
+        (q, s), (qr, sr) = mine(*args), ref(*args)
+        assert s.shape == sr.shape == (T, 1)
+        assert rel_err(q.float() * s, qr.float() * sr) < 0.03  # rounding of the bf16 input differs
+    qx, sx = R.quantize_rows(x, f8)
+    wq, ws = R.quantize_rows(torch.randn(N, h, generator=gen).to(dev) * 0.05, f8)
+    bias = torch.randn(N, generator=gen).to(torch.bfloat16).to(dev)
+    for x_scale, w_scale in ((sx, ws.reshape(-1)), (sx.amax().reshape(1), ws.amax().reshape(1))):
+        y = eb.fp8_linear(qx, x_scale, wq, w_scale, None, bias, torch.bfloat16)
+        yr = R.fp8_linear(qx, x_scale, wq, w_scale, None, bias, torch.bfloat16)
+        assert rel_err(y, yr) < 8e-3
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_kv_write_and_attention_adapters(dev, gen):
+    R = ops.REFERENCE_OPS
+    B, Hq, Hkv, D, bs, nb = 2, 4, 2, 32, 8, 8
+    lens = torch.tensor([5, 19], device=dev)
+    table = torch.tensor([[3, 0, 0, 0], [1, 6, 2, 0]], device=dev)
+    caches = {}
+    for name in ("mine", "ref"):
+        caches[name] = [torch.zeros(nb, bs, Hkv, D, device=dev).to(torch.float8_e4m3fn) for _ in range(2)] + \
+                       [torch.zeros(nb, bs, Hkv, device=dev) for _ in range(2)]
+    for b in range(B):
+        n = int(lens[b])
+        t = torch.arange(n, device=dev)
+        slots = table[b][t // bs] * bs + t % bs
+        k = torch.randn(n, Hkv, D, generator=gen).to(torch.bfloat16).to(dev)
+        v = torch.randn(n, Hkv, D, generator=gen).to(torch.bfloat16).to(dev)
+        eb.kv_write(*caches["mine"], slots, k, v, KVDtype.FP8_E4M3)
+        R.kv_write(*caches["ref"], slots, k, v, KVDtype.FP8_E4M3)
+    kc, vc, ks, vs = caches["mine"]
+    assert (kc.float() != caches["ref"][0].float()).float().mean().item() < 0.01
+    q = torch.randn(B, Hq, D, generator=gen).to(torch.bfloat16).to(dev)
+    out = eb.paged_attention_decode(q, kc, vc, ks, vs, table, lens, D**-0.5)
+    ref = R.paged_attention_decode(q, kc, vc, ks, vs, table, lens, D**-0.5)
+    assert rel_err(out, ref) < 8e-3
+
+
+@pytest.mark.gpu
+def test_engine_on_cuda_uses_kernels_and_matches_reference():
+    """The real engine (tiny model, bf16 compute, fp8-dynamic linears, fp8 KV) on CUDA: our backend vs torch."""
+    from orchestrator.core.types import ComputeDtype, LinearMode, SamplingParams
+    from workers.engine.config import EngineConfig
+    from workers.engine.engine import Engine
+
+    common = dict(model="tiny", device="cuda", dtype=ComputeDtype.BF16, linear_mode=LinearMode.FP8_DYNAMIC,
+                  kv_dtype=KVDtype.FP8_E4M3)
+    fast = Engine(EngineConfig(**common))
+    ref = Engine(EngineConfig(**common, ops_backend="reference"))
+    assert fast.ops.backend == eb.BACKEND_NAME and ref.ops.backend == ops.REFERENCE
+    prompt = list(range(3, 40))
+    assert rel_err(fast.prompt_logits(prompt), ref.prompt_logits(prompt)) < 3e-2
+    out = fast.generate([prompt, prompt[:7]], SamplingParams(max_tokens=8))
+    assert [len(o) for o in out] == [8, 8]
+    fast.assert_no_leaks()

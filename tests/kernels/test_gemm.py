@@ -1,0 +1,69 @@
+"""FP8 GEMMs (prefill tiles, decode thin swap-AB with split-K, the dispatcher) against the torch reference."""
+
+import pytest
+import torch
+
+from tests.kernels.conftest import DEVICES, rel_err
+from workers.kernels import reference as R
+from workers.kernels._common import KernelInputError
+from workers.kernels.configs import GemmConfig, ThinConfig
+from workers.kernels.gemm import fp8_linear, thin_gemm, triton_gemm
+
+
+def _operands(M, N, K, dev, gen, fp8=torch.float8_e4m3fn):
+    a = torch.randn(M, K, generator=gen).to(dev)
+    w = (torch.randn(N, K, generator=gen) * 0.05).to(dev)
+    a_q, a_s = R.quantize_per_token_ref(a, fp8)
+    w_q, w_s = R.quantize_per_token_ref(w, fp8)
+    return a_q, a_s, w_q, w_s
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_thin_gemm_configs(dev, gen):
+    if dev == "cpu":
+        cases = [((5, 200, 320), ThinConfig(16, 64, 64, 1)), ((33, 130, 256), ThinConfig(32, 64, 64, 3)),
+                 ((1, 64, 192), ThinConfig(16, 64, 64, 2))]
+    else:
+        cases = [((M, N, K), ThinConfig(bm, bn, bk, sk))
+                 for M, N, K in [(1, 6144, 4096), (7, 1000, 4096), (33, 4096, 14336), (100, 28672, 4096), (256, 4000, 4160)]
+                 for bm, bn, bk, sk in [(16, 64, 256, 1), (64, 128, 128, 4), (32, 32, 256, 3)]]
+    for (M, N, K), cfg in cases:
+        a_q, a_s, w_q, w_s = _operands(M, N, K, dev, gen)
+        out = thin_gemm(a_q, a_s, w_q, w_s, cfg=cfg)
+        ref = R.scaled_mm_ref(a_q, a_s, w_q, w_s)
+        assert out.shape == (M, N) and out.dtype == torch.bfloat16
+        assert rel_err(out, ref) < 5e-3, (M, N, K, cfg)
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_triton_gemm(dev, gen):
+    if dev == "cpu":
+        cases = [((130, 200, 192), GemmConfig(64, 64, 64, 2, 4, 2)), ((64, 64, 100), GemmConfig(64, 64, 64, 1, 4, 2))]
+    else:
+        cases = [((M, N, K), cfg) for M, N, K in [(333, 1000, 4096), (4096, 14336, 4096), (300, 520, 4100)]
+                 for cfg in [GemmConfig(), GemmConfig(128, 128, 128, 8, 8, 4)]]
+    for (M, N, K), cfg in cases:
+        a_q, a_s, w_q, w_s = _operands(M, N, K, dev, gen)
+        out = triton_gemm(a_q, a_s, w_q, w_s, cfg=cfg)
+        assert rel_err(out, R.scaled_mm_ref(a_q, a_s, w_q, w_s)) < 5e-3, (M, N, K, cfg)
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_fp8_linear_dispatch(dev, gen):
+    shapes = [(3, 96, 128)] if dev == "cpu" else [(1, 4096, 4096), (64, 28672, 4096), (512, 4096, 14336), (301, 1000, 4096)]
+    for M, N, K in shapes:
+        a_q, a_s, w_q, w_s = _operands(M, N, K, dev, gen)
+        out = fp8_linear(a_q, a_s, w_q, w_s)
+        assert rel_err(out, R.scaled_mm_ref(a_q, a_s, w_q, w_s)) < 5e-3
+
+
+def test_gemm_rejects_bad_inputs(gen):
+    a_q, a_s, w_q, w_s = _operands(4, 64, 64, "cpu", gen)
+    with pytest.raises(KernelInputError, match="inner dimensions"):
+        fp8_linear(a_q, a_s, w_q[:, :32], w_s)
+    with pytest.raises(KernelInputError, match="a_scale"):
+        fp8_linear(a_q, a_s[:2], w_q, w_s)
+    with pytest.raises(KernelInputError, match="one FP8 dtype"):
+        fp8_linear(a_q.float(), a_s, w_q, w_s)
+    with pytest.raises(KernelInputError, match="at least 32"):
+        fp8_linear(a_q[:, :16], a_s, w_q[:, :16], w_s)

@@ -1,0 +1,32 @@
+"""A tiny run of `tandem bench kv-transfer` (the real benchmark is a script, never a timed test)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from orchestrator.cli import main
+
+
+@pytest.mark.slow
+def test_bench_cli_tiny_run_writes_json(tmp_path, capsys):
+    out = tmp_path / "kv.json"
+    rc = main(["bench", "kv-transfer", "--model-shape", "tiny", "--tokens", "64", "--kv-dtype", "bf16,fp8_e4m3",
+               "--repeat", "1", "--layer-compute-ms", "1", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "gRPC GB/s" in printed and "fp8_e4m3 moves" in printed
+    result = json.loads(out.read_text())
+    assert {"device", "date", "versions", "rows"} <= set(result)
+    rows = {r["kv_dtype"]: r for r in result["rows"]}
+    # tiny: 2 layers x 2 KV heads x 16 dims; bf16 = 2 B/elem, fp8 = 1 B/elem + 4 B scale per (token, head)
+    assert rows["bf16"]["bytes_per_token"] == 2 * 2 * 2 * 16 * 2
+    assert rows["fp8_e4m3"]["bytes_per_token"] == 2 * 2 * 2 * (16 + 4)
+    for r in rows.values():
+        assert r["grpc_gbps"] > 0 and r["raw_tcp_gbps"] > 0 and 0 <= r["hidden_fraction"] <= 1
+
+
+def test_bench_rejects_bad_arguments(capsys):
+    assert main(["bench", "kv-transfer", "--kv-dtype", "fp4"]) == 2
+    assert "fp4" in capsys.readouterr().err

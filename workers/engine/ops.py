@@ -1,0 +1,275 @@
+"""The engine's hot ops behind one seam, with torch reference implementations.
+
+The model calls only `Ops` members. `get_ops(device)` returns the reference torch ops, with any op
+replaced by a faster backend registered for that device type. The kernels package plugs in like this
+(`workers/kernels` owns that code; the engine never launches a kernel itself):
+
+    from workers.engine import ops
+    ops.register_backend("triton", {"rms_norm": my_rms_norm, "paged_attention_decode": my_attn},
+                         device_type="cuda", priority=10)
+
+On a CUDA device, `get_ops` first imports `workers.kernels.engine_backend` if it exists (that module
+registers itself on import), then picks the registered backend with the highest priority. Ops a
+backend leaves out fall back to the reference. `EngineConfig.ops_backend="reference"` forces torch.
+
+Signatures (shapes in comments; T tokens, H query heads, Hk KV heads, D head dim):
+    rms_norm(x [T, h], weight [h], eps) -> [T, h]                      (x's dtype; math in float32)
+    silu_mul(gate_up [T, 2I]) -> [T, I]
+    quantize_rows(x [T, K], fp8_dtype) -> (q [T, K], scale [T, 1])     (round-to-nearest, dynamic)
+    rms_norm_quant(x [T, h], weight [h], eps, fp8_dtype) -> (q [T, h], scale [T, 1])   (fused producer)
+    silu_mul_quant(gate_up [T, 2I], fp8_dtype) -> (q [T, I], scale [T, 1])             (fused producer)
+    fp8_linear(q [T, K], x_scale [T, 1] | [1], w_q [N, K], w_scale [N] | [1], w_q_compute [N, K] | None,
+               bias [N] | None, out_dtype) -> [T, N]
+    prefill_attention(q [T, H, D], k [T, Hk, D], v [T, Hk, D], sm_scale) -> [T, H, D]    (causal)
+    paged_attention_decode(q [B, H, D], k_cache [NB, bs, Hk, D], v_cache, k_scale [NB, bs, Hk] | None,
+                           v_scale, block_tables [B, max_blocks] int64, context_lens [B] int64,
+                           sm_scale) -> [B, H, D]
+    kv_write(k_cache, v_cache, k_scale | None, v_scale | None, slots [T] int64, k [T, Hk, D], v,
+             kv_dtype: KVDtype) -> None                                 (quantizes per token per KV head)
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+
+from orchestrator.core.types import KVDtype
+from workers.engine import fp8 as fp8q
+
+REFERENCE = "reference"
+AUTOLOAD_MODULES = {"cuda": "workers.kernels.engine_backend"}
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def quantize_rows(x: torch.Tensor, fp8_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return fp8q.quantize_per_row(x, fp8_dtype)
+
+
+def rms_norm_quant(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, fp8_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return fp8q.quantize_per_row(rms_norm(x, weight, eps), fp8_dtype)
+
+
+def silu_mul_quant(gate_up: torch.Tensor, fp8_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return fp8q.quantize_per_row(silu_mul(gate_up), fp8_dtype)
+
+
+def fp8_linear(
+    q: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_q_compute: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Exact emulation: unscaled FP8 values are exact in bf16/float32; multiply, then apply both scales."""
+    if q.is_cuda and out_dtype == torch.bfloat16:
+        y = _scaled_mm_cuda(q, x_scale, w_q, w_scale, out_dtype)
+        if y is not None:
+            return y if bias is None else y + bias
+    wc = w_q_compute if w_q_compute is not None else w_q.to(out_dtype)
+    acc = (q.to(wc.dtype) @ wc.t()).float()
+    y = (acc * x_scale.reshape(-1, 1) * w_scale.reshape(1, -1)).to(out_dtype)
+    return y if bias is None else y + bias
+
+
+def _scaled_mm_cuda(
+    q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor | None:
+    """torch._scaled_mm: B must be column-major (w_q [N, K] row-major, transposed view) and dims % 16 == 0."""
+    m, k = q.shape
+    n = w_q.shape[0]
+    if k % 16 or n % 16:
+        return None
+    pad = (-m) % 16
+    if pad:
+        q = torch.cat([q, q.new_zeros(pad, k)])
+    rowwise = x_scale.numel() > 1 or w_scale.numel() > 1
+    if rowwise:
+        sa = x_scale.reshape(-1, 1).float().expand(m, 1)
+        if pad:
+            sa = torch.cat([sa, sa.new_ones(pad, 1)])
+        sb = w_scale.reshape(1, -1).float().expand(1, n).contiguous()
+        sa = sa.contiguous()
+    else:
+        sa = x_scale.reshape(()).float()
+        sb = w_scale.reshape(()).float()
+    try:
+        y = torch._scaled_mm(q, w_q.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)
+    except RuntimeError:
+        return None
+    return y[:m]
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> torch.Tensor:
+    group = q.shape[1] // k.shape[1]
+    qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, T, D]
+    kh = k.repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0)
+    vh = v.repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0)
+    out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=sm_scale)
+    return out.squeeze(0).transpose(0, 1)
+
+
+def paged_attention_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    sm_scale: float,
+) -> torch.Tensor:
+    num_seqs, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(q)
+    for i in range(num_seqs):
+        n = int(context_lens[i])
+        blocks = block_tables[i, : (n + block_size - 1) // block_size]
+        k = _gather(k_cache, k_scale, blocks, n)  # [n, Hk, D] float32
+        v = _gather(v_cache, v_scale, blocks, n)
+        qi = q[i].float().reshape(num_kv_heads, group, head_dim)
+        scores = torch.einsum("kgd,tkd->kgt", qi, k) * sm_scale
+        probs = torch.softmax(scores, dim=-1)
+        out[i] = torch.einsum("kgt,tkd->kgd", probs, v).reshape(num_heads, head_dim).to(q.dtype)
+    return out
+
+
+def _gather(cache: torch.Tensor, scale: torch.Tensor | None, blocks: torch.Tensor, n: int) -> torch.Tensor:
+    data = cache[blocks].reshape(-1, cache.shape[2], cache.shape[3])[:n]
+    s = None if scale is None else scale[blocks].reshape(-1, scale.shape[2])[:n]
+    return fp8q.dequantize_kv(data, s, torch.float32)
+
+
+def kv_write(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+    slots: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_dtype: KVDtype,
+) -> None:
+    kq, ks = fp8q.quantize_kv(k, kv_dtype)
+    vq, vs = fp8q.quantize_kv(v, kv_dtype)
+    write_kv_raw(k_cache, v_cache, k_scale, v_scale, slots, kq, vq, ks, vs)
+
+
+def write_kv_raw(k_cache, v_cache, k_scale, v_scale, slots, kq, vq, ks, vs) -> None:  # type: ignore[no-untyped-def]
+    """Store already-quantized KV (and scales) at flat slots (block * block_size + offset)."""
+    hk, d = k_cache.shape[2], k_cache.shape[3]
+    k_cache.view(-1, hk, d)[slots] = kq
+    v_cache.view(-1, hk, d)[slots] = vq
+    if k_scale is not None:
+        k_scale.view(-1, hk)[slots] = ks
+        v_scale.view(-1, hk)[slots] = vs
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The op table one engine uses; `backend` names where the non-reference entries came from."""
+
+    backend: str
+    rms_norm: Callable[..., torch.Tensor]
+    silu_mul: Callable[..., torch.Tensor]
+    quantize_rows: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    rms_norm_quant: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    silu_mul_quant: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    fp8_linear: Callable[..., torch.Tensor]
+    prefill_attention: Callable[..., torch.Tensor]
+    paged_attention_decode: Callable[..., torch.Tensor]
+    kv_write: Callable[..., None]
+
+
+REFERENCE_OPS = Ops(
+    backend=REFERENCE,
+    rms_norm=rms_norm,
+    silu_mul=silu_mul,
+    quantize_rows=quantize_rows,
+    rms_norm_quant=rms_norm_quant,
+    silu_mul_quant=silu_mul_quant,
+    fp8_linear=fp8_linear,
+    prefill_attention=prefill_attention,
+    paged_attention_decode=paged_attention_decode,
+    kv_write=kv_write,
+)
+OP_NAMES = tuple(f.name for f in fields(Ops) if f.name != "backend")
+
+
+@dataclass(frozen=True)
+class _Registered:
+    device_type: str
+    priority: int
+    impls: Mapping[str, Callable[..., object]]
+
+
+_REGISTRY: dict[str, _Registered] = {}
+
+
+class UnknownOpsBackend(ValueError):
+    pass
+
+
+def register_backend(
+    name: str, impls: Mapping[str, Callable[..., object]], device_type: str = "cuda", priority: int = 10
+) -> None:
+    """Register (or replace) a backend: a mapping from op names (`OP_NAMES`) to callables."""
+    unknown = sorted(set(impls) - set(OP_NAMES))
+    if unknown:
+        raise ValueError(f"unknown op name(s) {unknown}; known: {', '.join(OP_NAMES)}")
+    if name == REFERENCE:
+        raise ValueError(f"{REFERENCE!r} is the built-in torch backend and cannot be replaced")
+    _REGISTRY[name] = _Registered(device_type, priority, dict(impls))
+
+
+def unregister_backend(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+def registered_backends() -> dict[str, str]:
+    """Backend name -> device type."""
+    return {name: r.device_type for name, r in _REGISTRY.items()}
+
+
+def get_ops(device: torch.device | str, backend: str | None = None) -> Ops:
+    """The op table for `device`: a named backend, or the best registered one, else the reference."""
+    device_type = torch.device(device).type
+    if backend == REFERENCE:
+        return REFERENCE_OPS
+    if backend is None and device_type in AUTOLOAD_MODULES:
+        try:
+            importlib.import_module(AUTOLOAD_MODULES[device_type])
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not AUTOLOAD_MODULES[device_type].startswith(exc.name):
+                raise
+    if backend is not None:
+        if backend not in _REGISTRY:
+            known = ", ".join([REFERENCE, *sorted(_REGISTRY)])
+            raise UnknownOpsBackend(f"unknown ops backend {backend!r}; registered: {known}")
+        chosen = _REGISTRY[backend]
+        name = backend
+    else:
+        candidates = [(r.priority, n) for n, r in _REGISTRY.items() if r.device_type == device_type]
+        if not candidates:
+            return REFERENCE_OPS
+        _, name = max(candidates)
+        chosen = _REGISTRY[name]
+    return replace(REFERENCE_OPS, backend=name, **chosen.impls)  # type: ignore[arg-type]

@@ -1,0 +1,281 @@
+"""Per-kernel GPU benchmarks: each function returns rows (dicts) for scripts/bench_kernels.py to print and save.
+
+Every row times our kernel beside the stock call it replaces (bf16 torch.matmul, torch._scaled_mm, torch ops
+for quantization, our own kernel with bf16 KV for attention), with the bytes or FLOPs it must move or do.
+GPU only; imports no orchestrator module beyond the types that _common needs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from workers.kernels import configs
+from workers.kernels.attention import paged_decode_attention
+from workers.kernels.benchmarking import read_ceiling_tbps, rotating, time_graph_ms, time_ms
+from workers.kernels.configs import GemmConfig, ThinConfig
+from workers.kernels.gemm import scaled_mm, thin_gemm, triton_gemm
+from workers.kernels.kv_cache import kv_write
+from workers.kernels.quant import quantize_per_token, rms_norm_quant, silu_mul_quant
+
+F8 = torch.float8_e4m3fn
+DEV = "cuda"
+LLAMA8B_THIN = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]  # (N, K): qkv, o, gate_up, down
+
+# Stock PyTorch on the H100 (../shared/reference/h100-baseline-2026-11-22.json), (M, K, N) →
+# (bf16 weight TB/s, fp8 row-wise weight TB/s, fp8 row-wise TFLOPS).
+REF_THIN = {(1, 4096, 6144): (1.689, 1.157, 2.3), (16, 4096, 6144): (1.675, 1.162, 37.2),
+            (64, 4096, 6144): (1.746, 1.227, 157.0), (128, 4096, 6144): (1.664, 1.231, 315.1),
+            (256, 4096, 6144): (1.52, 1.066, 545.6), (16, 4096, 4096): (1.444, 0.896, 28.7),
+            (32, 4096, 4096): (1.517, 0.912, 58.4), (64, 4096, 4096): (1.504, 0.931, 119.2),
+            (1, 4096, 28672): (2.447, 1.955, 3.9), (16, 4096, 28672): (2.468, 1.955, 62.6),
+            (64, 4096, 28672): (2.389, 1.996, 255.4), (128, 4096, 28672): (2.367, 2.004, 513.1),
+            (256, 4096, 28672): (2.097, 1.66, 849.9), (1, 14336, 4096): (2.085, 1.254, 2.5),
+            (16, 14336, 4096): (2.072, 1.267, 40.6), (64, 14336, 4096): (2.042, 1.276, 163.3),
+            (128, 14336, 4096): (1.93, 1.273, 325.8), (256, 14336, 4096): (1.712, 1.229, 629.3)}
+# Square GEMMs, size → (bf16, fp8 row-wise, fp8 row-wise with unfused torch quantization) TFLOPS.
+REF_SQUARE = {4096: (735, 1204, 499), 8192: (700, 1236, 776)}
+# The seed paper (002), Table 4, H100 / Gaudi 2 FP8 TFLOPS at (64, 4096, 4096); Table 1 H100 FP8 4K/8K.
+PAPER = {"thin_64_4096_4096_h100_fp8": 133.9, "thin_64_4096_4096_gaudi2_fp8": 253.4,
+         "square_4k_h100_fp8": 1167.6, "square_8k_h100_fp8": 1084.7}
+
+
+def _bf16(*shape):
+    return torch.randn(*shape, device=DEV, dtype=torch.bfloat16)
+
+
+def _fp8_weight(N, K):
+    w = torch.randn(N, K, device=DEV, dtype=torch.bfloat16) * 0.02
+    return quantize_per_token(w, F8)
+
+
+def _torch_quant(x):
+    """Stock dynamic per-token quantization with torch ops (what the reference baseline measured)."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12)
+    scale = amax / 448.0
+    return (x.float() / scale).clamp(-448, 448).to(F8), scale.squeeze(-1)
+
+
+def _torch_rms(x, w, eps=1e-5):
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w.float()).to(x.dtype)
+
+
+def bench_quant() -> list[dict[str, Any]]:
+    rows = []
+    D = 4096
+    for M in (1, 64, 4096, 8192):
+        x, r, w = _bf16(M, D), _bf16(M, D), _bf16(D)
+        t_fused = time_graph_ms(lambda: rms_norm_quant(x, w, 1e-5, F8, residual=r))
+        t_bf16 = time_graph_ms(lambda: rms_norm_quant(x, w, 1e-5, None, residual=r))
+        t_torch = time_graph_ms(lambda: _torch_quant(_torch_rms(x + r, w)))
+        nbytes = M * D * (2 + 2 + 2 + 1) + M * 4
+        rows.append(dict(kernel="rms_norm+res+quant", M=M, D=D, fused_us=t_fused * 1e3, bf16_out_us=t_bf16 * 1e3,
+                         torch_unfused_us=t_torch * 1e3, fused_TBps=nbytes / t_fused / 1e9))
+    I = 14336
+    for M in (1, 64, 4096, 8192):
+        gu = _bf16(M, 2 * I)
+        t_fused = time_graph_ms(lambda: silu_mul_quant(gu, F8))
+        t_bf16 = time_graph_ms(lambda: silu_mul_quant(gu, None))
+        t_torch = time_graph_ms(lambda: _torch_quant(torch.nn.functional.silu(gu[:, :I]) * gu[:, I:]))
+        nbytes = M * (4 * I + I + 4)
+        rows.append(dict(kernel="silu_mul+quant", M=M, D=I, fused_us=t_fused * 1e3, bf16_out_us=t_bf16 * 1e3,
+                         torch_unfused_us=t_torch * 1e3, fused_TBps=nbytes / t_fused / 1e9))
+    for M in (4096, 8192):
+        x = _bf16(M, D)
+        t_q = time_graph_ms(lambda: quantize_per_token(x, F8))
+        t_torch = time_graph_ms(lambda: _torch_quant(x))
+        rows.append(dict(kernel="quantize_per_token", M=M, D=D, fused_us=t_q * 1e3, torch_unfused_us=t_torch * 1e3,
+                         fused_TBps=M * D * 3 / t_q / 1e9))
+    return rows
+
+
+def bench_kv_write() -> list[dict[str, Any]]:
+    rows = []
+    H, D, bs = 8, 128, 16
+    for T in (64, 8192):
+        nb = T // bs + 8
+        k, v = _bf16(T, H, D), _bf16(T, H, D)
+        slots = torch.randperm(nb * bs, device=DEV)[:T]
+        kc8 = torch.empty(nb, bs, H, D, device=DEV, dtype=F8)
+        vc8 = torch.empty_like(kc8)
+        ks = torch.empty(nb, bs, H, device=DEV)
+        vs = torch.empty_like(ks)
+        kcb = torch.empty(nb, bs, H, D, device=DEV, dtype=torch.bfloat16)
+        vcb = torch.empty_like(kcb)
+        t8 = time_graph_ms(lambda: kv_write(k, v, slots, kc8, vc8, ks, vs))
+        tb = time_graph_ms(lambda: kv_write(k, v, slots, kcb, vcb))
+        rows.append(dict(kernel="kv_write", T=T, fp8_us=t8 * 1e3, bf16_us=tb * 1e3,
+                         fp8_TBps=T * H * (4 * D + 2 * D + 8) / t8 / 1e9))
+    return rows
+
+
+PREFILL_SHAPES = [(4096, 14336, 4096), (8192, 14336, 4096), (8192, 4096, 14336), (4096, 4096, 4096), (8192, 8192, 8192)]
+GEMM_SWEEP = [GemmConfig(128, 256, 128, 8, 8, 3), GemmConfig(128, 128, 128, 8, 8, 4), GemmConfig(256, 128, 128, 8, 8, 3),
+              GemmConfig(128, 256, 64, 8, 8, 4), GemmConfig(128, 128, 128, 8, 4, 4)]
+
+
+def bench_prefill(sweep: bool) -> list[dict[str, Any]]:
+    rows = []
+    for M, N, K in PREFILL_SHAPES:
+        flops = 2 * M * N * K
+        x, w16 = _bf16(M, K), _bf16(N, K) * 0.02
+        w_q, w_s = _fp8_weight(N, K)
+        a_q, a_s = quantize_per_token(x, F8)
+        norm_w = _bf16(K)
+        t_bf16 = time_graph_ms(lambda: x @ w16.t(), calls=3)
+        t_smm = time_graph_ms(lambda: scaled_mm(a_q, a_s, w_q, w_s), calls=3)
+        cfgs = GEMM_SWEEP if sweep else [configs.gemm_config(M, N, K)]
+        t_tri, best = float("inf"), None
+        for cfg in cfgs:
+            try:
+                t = time_graph_ms(lambda cfg=cfg: triton_gemm(a_q, a_s, w_q, w_s, cfg=cfg), calls=3)
+            except Exception as exc:  # a config may not fit in shared memory
+                print(f"  gemm config {cfg} failed: {type(exc).__name__}")
+                continue
+            if t < t_tri:
+                t_tri, best = t, cfg
+        t_quant = time_graph_ms(lambda: quantize_per_token(x, F8))
+        t_rmsq = time_graph_ms(lambda: rms_norm_quant(x, norm_w, 1e-5, F8))
+        t_rms = time_graph_ms(lambda: rms_norm_quant(x, norm_w, 1e-5, None))
+        t_stock = time_graph_ms(lambda: scaled_mm(*_torch_quant(x), w_q, w_s), calls=3)
+        t_gemm = min(t_smm, t_tri)
+        fused_tax = max(0.0, t_rmsq - t_rms)
+        rows.append(dict(
+            M=M, N=N, K=K, bf16_TFLOPS=flops / t_bf16 / 1e9, scaled_mm_TFLOPS=flops / t_smm / 1e9,
+            triton_TFLOPS=flops / t_tri / 1e9, best_triton_cfg=str(best),
+            backend="scaled_mm" if t_smm <= t_tri else "triton",
+            quant_standalone_us=t_quant * 1e3, quant_fused_marginal_us=fused_tax * 1e3,
+            fp8_incl_standalone_quant_vs_bf16=t_bf16 / (t_gemm + t_quant),
+            fp8_incl_fused_quant_vs_bf16=t_bf16 / (t_gemm + fused_tax),
+            quant_share_of_gemm=t_quant / t_gemm, stock_unfused_vs_bf16=t_bf16 / t_stock,
+        ))
+    return rows
+
+
+def _thin_sweep_configs(M: int) -> list[ThinConfig]:
+    bm = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
+    out = []
+    for bn in (16, 32, 64) if M <= 64 else (64, 128):
+        for bk in (256, 512) if M <= 64 else (128, 256):
+            for stages in (4, 6) if M <= 64 else (3, 4):
+                for split in (1, 2, 4):
+                    out.append(ThinConfig(bm, bn, bk, split, 4, stages))
+    return out
+
+
+def bench_thin(sweep: bool, ms: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)) -> list[dict[str, Any]]:
+    rows = []
+    for N, K in LLAMA8B_THIN:
+        wbytes = N * K
+        ceiling = read_ceiling_tbps(wbytes)
+        print(f"  read ceiling for {wbytes / 1e6:.1f} MB: {ceiling:.2f} TB/s")
+        get8 = rotating(lambda N=N, K=K: _fp8_weight(N, K), wbytes)
+        get16 = rotating(lambda N=N, K=K: (_bf16(N, K),), 2 * wbytes)
+        for M in ms:
+            x = _bf16(M, K)
+            a_q, a_s = quantize_per_token(x, F8)
+            calls = max(get8.n, get16.n, 8)
+            t_bf16 = time_graph_ms(lambda: x @ get16()[0].t(), calls=calls)
+            t_smm = time_graph_ms(lambda: scaled_mm(a_q, a_s, *get8()), calls=calls) if M % 16 == 0 else float("nan")
+            cfgs = _thin_sweep_configs(M) if sweep else [configs.thin_config(M, N, K)]
+            t_thin, best = float("inf"), None
+            for cfg in cfgs:
+                try:
+                    t = time_graph_ms(lambda cfg=cfg: thin_gemm(a_q, a_s, *get8(), cfg=cfg), calls=calls,
+                                      rep_ms=15 if sweep else 40)
+                except Exception as exc:  # e.g. a config over the shared-memory limit
+                    print(f"  thin config {cfg} failed: {type(exc).__name__}")
+                    continue
+                if t < t_thin:
+                    t_thin, best = t, cfg
+            flops = 2 * M * N * K
+            ref = REF_THIN.get((M, K, N))
+            rows.append(dict(
+                M=M, N=N, K=K, thin_us=t_thin * 1e3, thin_weight_TBps=wbytes / t_thin / 1e9,
+                read_ceiling_TBps=ceiling,
+                thin_TFLOPS=flops / t_thin / 1e9, scaled_mm_weight_TBps=wbytes / t_smm / 1e9,
+                bf16_weight_TBps=2 * wbytes / t_bf16 / 1e9, fp8_vs_bf16_speedup=t_bf16 / t_thin,
+                ref_stock_fp8_TBps=ref[1] if ref else None, ref_stock_bf16_TBps=ref[0] if ref else None,
+                cfg=best.__dict__ if best else None,
+            ))
+            print(f"  thin M={M} N={N} K={K}: {t_thin * 1e3:.1f} us {wbytes / t_thin / 1e9:.2f} TB/s cfg={best}")
+    return rows
+
+
+def _attn_case(B, ctx, dtype, Hq=32, Hkv=8, D=128, bs=16):
+    nblk = B * ctx // bs
+    kc = torch.randn(nblk, bs, Hkv, D, device=DEV, dtype=torch.bfloat16).to(dtype)
+    vc = torch.randn(nblk, bs, Hkv, D, device=DEV, dtype=torch.bfloat16).to(dtype)
+    fp8 = dtype != torch.bfloat16
+    ks = torch.rand(nblk, bs, Hkv, device=DEV) * 0.01 if fp8 else None
+    vs = torch.rand(nblk, bs, Hkv, device=DEV) * 0.01 if fp8 else None
+    table = torch.randperm(nblk, device=DEV).to(torch.int32).reshape(B, ctx // bs)
+    return kc, vc, ks, vs, table
+
+
+# (BLOCK_T, num_warps, num_stages), tried for both KV dtypes; the best of each is reported.
+ATTN_CONFIGS = [(64, 4, 3), (128, 4, 3), (128, 8, 3), (64, 4, 2), (128, 4, 2), (128, 4, 4), (64, 4, 4), (256, 8, 3)]
+
+
+def bench_attention() -> list[dict[str, Any]]:
+    rows = []
+    Hq, Hkv, D = 32, 8, 128
+    for B in (1, 16, 64):
+        for ctx in (1024, 2048, 8192):
+            q = _bf16(B, Hq, D)
+            lens = torch.full((B,), ctx, device=DEV, dtype=torch.int32)
+            res = {}
+            for name, dtype in (("fp8", F8), ("bf16", torch.bfloat16)):
+                per_tok = Hkv * D * 2 * dtype.itemsize + (Hkv * 8 if name == "fp8" else 0)
+                get = rotating(lambda dtype=dtype: _attn_case(B, ctx, dtype), B * ctx * per_tok)
+                best: tuple[float, Any] = (float("inf"), None)
+                for cfg in ATTN_CONFIGS:
+                    def run(get=get, cfg=cfg):
+                        kc, vc, ks, vs, table = get()
+                        return paged_decode_attention(q, kc, vc, table, lens, D**-0.5, ks, vs, max_seq_len=ctx,
+                                                      block_t=cfg[0], num_warps=cfg[1], num_stages=cfg[2])
+
+                    try:
+                        best = min(best, (time_graph_ms(run, calls=max(get.n, 4)), cfg))
+                    except Exception as exc:  # e.g. over the shared-memory limit
+                        print(f"  attention config {cfg} failed: {type(exc).__name__}")
+                res[name] = (best[0], B * ctx * per_tok / best[0] / 1e9, best[1])
+                del get
+            rows.append(dict(B=B, ctx=ctx, fp8_us=res["fp8"][0] * 1e3, bf16_us=res["bf16"][0] * 1e3,
+                             fp8_TBps=res["fp8"][1], bf16_TBps=res["bf16"][1],
+                             fp8_over_bf16=res["fp8"][0] / res["bf16"][0], fp8_cfg=res["fp8"][2],
+                             bf16_cfg=res["bf16"][2]))
+    return rows
+
+
+def bench_attention_variants(B: int = 64, ctx: int = 2048) -> list[dict[str, Any]]:
+    """One decode-attention case over launch configs x split counts, both KV dtypes (a tuning probe)."""
+    rows = []
+    Hq, Hkv, D = 32, 8, 128
+    q = _bf16(B, Hq, D)
+    lens = torch.full((B,), ctx, device=DEV, dtype=torch.int32)
+    for name, dtype in (("fp8", F8), ("bf16", torch.bfloat16)):
+        per_tok = Hkv * D * 2 * dtype.itemsize + (Hkv * 8 if name == "fp8" else 0)
+        get = rotating(lambda dtype=dtype: _attn_case(B, ctx, dtype), B * ctx * per_tok)
+        for splits in (1, 2, 4, 8):
+            for cfg in [(64, 4, 1), (128, 4, 1), (64, 2, 2), (32, 4, 3), (128, 4, 3), (64, 8, 3), (128, 8, 2)]:
+                def run(get=get, cfg=cfg, splits=splits):
+                    kc, vc, ks, vs, table = get()
+                    return paged_decode_attention(q, kc, vc, table, lens, D**-0.5, ks, vs, num_splits=splits,
+                                                  block_t=cfg[0], num_warps=cfg[1], num_stages=cfg[2])
+
+                try:
+                    t = time_graph_ms(run, calls=max(get.n, 4), rep_ms=20)
+                except Exception as exc:
+                    print(f"  {name} {cfg} splits={splits} failed: {type(exc).__name__}")
+                    continue
+                rows.append(dict(kv=name, B=B, ctx=ctx, splits=splits, cfg=cfg, us=t * 1e3,
+                                 TBps=B * ctx * per_tok / t / 1e9))
+        del get
+    for kv in ("fp8", "bf16"):
+        best = sorted((r for r in rows if r["kv"] == kv), key=lambda r: r["us"])[:3]
+        for r in best:
+            print(f"  best {kv}: {r['us']:.1f} us {r['TBps']:.2f} TB/s splits={r['splits']} cfg={r['cfg']}")
+    return rows

@@ -1,0 +1,100 @@
+"""Launch configurations and backend choice of the FP8 GEMMs, per shape, from measurements on the H100.
+
+The tables here are the product of `scripts/bench_kernels.py --sweep` (see NOTES.md for the runs that
+produced them). Change them only with a new measurement.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+class Backend(enum.Enum):
+    THIN = "triton-thin"  # swap-AB thin GEMM (decode)
+    TRITON = "triton-gemm"  # tiled GEMM (prefill)
+    SCALED_MM = "torch-scaled-mm"  # cuBLASLt through torch._scaled_mm
+    REFERENCE = "reference"  # torch math (CPU without the interpreter)
+
+
+@dataclass(frozen=True)
+class ThinConfig:
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 256
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_m: int = 128
+    block_n: int = 256
+    block_k: int = 128
+    group_m: int = 8
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+GEMM_DEFAULT = GemmConfig()
+THIN_MAX_M = 256  # above this, prefill kernels
+
+
+def _t(bm: int, bn: int, bk: int, split: int, stages: int) -> ThinConfig:
+    return ThinConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=4, num_stages=stages)
+
+
+# Measured winners on the H100 (benchmarks/h100-kernels-sweep-2026-11-22.json, `bench_kernels.py --sweep`),
+# keyed by (N, K), then by M bucket (upper bound inclusive). Llama-3.1-8B: qkv, o, gate_up, down.
+THIN_TABLE: dict[tuple[int, int], list[tuple[int, ThinConfig]]] = {
+    (6144, 4096): [(16, _t(16, 64, 256, 1, 6)), (32, _t(32, 64, 256, 1, 4)), (64, _t(64, 64, 256, 1, 4)),
+                   (128, _t(128, 64, 256, 1, 4)), (256, _t(128, 64, 128, 1, 4))],
+    (4096, 4096): [(16, _t(16, 64, 256, 1, 6)), (32, _t(32, 64, 256, 1, 6)), (64, _t(64, 64, 256, 1, 6)),
+                   (256, _t(128, 64, 256, 1, 4))],
+    (28672, 4096): [(16, _t(16, 64, 256, 1, 4)), (32, _t(32, 64, 256, 1, 4)), (64, _t(64, 64, 256, 1, 6)),
+                    (256, _t(128, 128, 128, 1, 3))],
+    (4096, 14336): [(8, _t(16, 64, 512, 1, 4)), (16, _t(16, 64, 256, 1, 6)), (32, _t(32, 64, 256, 1, 6)),
+                    (64, _t(64, 64, 256, 1, 6)), (128, _t(128, 64, 256, 2, 4)), (256, _t(128, 64, 256, 1, 4))],
+}
+# Shapes where cuBLASLt (torch._scaled_mm) beat the thin kernel from this M on (same sweep).
+SCALED_MM_FROM_M: dict[tuple[int, int], int] = {(6144, 4096): 129, (28672, 4096): 129}
+
+
+def _sm_count() -> int:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).multi_processor_count
+    return 132
+
+
+def thin_config(M: int, N: int, K: int) -> ThinConfig:
+    """The measured config for (N, K) and M's bucket, else a heuristic: ≥ 1 wave of programs over the SMs."""
+    for m_max, cfg in THIN_TABLE.get((N, K), []):
+        if M <= m_max:
+            return cfg
+    # Unmeasured shape: the sweep's usual winner (no split: the reduction launch costs more than it gains).
+    block_m = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
+    return ThinConfig(block_m=block_m, block_n=64, block_k=256, split_k=1, num_warps=4, num_stages=4)
+
+
+def gemm_config(M: int, N: int, K: int) -> GemmConfig:
+    return GEMM_DEFAULT
+
+
+def choose_backend(M: int, N: int, K: int, device: torch.device) -> Backend:
+    """Which implementation runs an FP8 linear of this shape on this device (TANDEM_FP8_GEMM overrides)."""
+    forced = os.environ.get("TANDEM_FP8_GEMM")
+    if forced:
+        return Backend(forced)
+    if device.type != "cuda":
+        return Backend.THIN if os.environ.get("TRITON_INTERPRET") == "1" and M <= THIN_MAX_M else Backend.REFERENCE
+    aligned = M % 16 == 0 and N % 16 == 0 and K % 16 == 0
+    if M <= THIN_MAX_M:
+        smm_from = SCALED_MM_FROM_M.get((N, K), THIN_MAX_M + 1)
+        return Backend.SCALED_MM if aligned and M >= smm_from else Backend.THIN
+    # Prefill: cuBLASLt matched or beat the Triton tiles on every aligned Llama shape measured (within 1%
+    # at 4096 tokens, 2-10% ahead at 8192); the Triton kernel serves shapes cuBLASLt rejects.
+    return Backend.SCALED_MM if aligned else Backend.TRITON

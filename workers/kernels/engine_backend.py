@@ -1,0 +1,93 @@
+"""Registers this package's kernels as the engine's "triton" ops backend for CUDA devices.
+
+`workers.engine.ops.get_ops("cuda")` imports this module, which registers adapters from the engine's op
+signatures (workers/engine/ops.py docstring) to the kernels. Ops the engine seam has but we leave to the
+reference: `prefill_attention` (torch SDPA is already a flash kernel on CUDA). Kernels the seam has no slot
+for yet: `rope_kv_write` (RoPE + K/V quantize-and-write in one launch) — see README "Seams".
+
+If Triton is missing, nothing is registered and the engine keeps its torch reference ops.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from orchestrator.core.types import KVDtype
+
+try:
+    from workers.engine import ops as _ops
+    from workers.kernels.attention import paged_decode_attention as _attn
+    from workers.kernels.gemm import fp8_linear as _fp8_linear
+    from workers.kernels.kv_cache import kv_write as _kv_write
+    from workers.kernels.quant import quantize_per_token, rms_norm_quant, silu_mul_quant
+except ImportError:  # no triton (or no engine): leave the reference ops in place
+    _ops = None
+
+BACKEND_NAME = "triton"
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """[T, h] → [T, h] in x.dtype (normalization in float32, one rounding at the end)."""
+    return rms_norm_quant(x, weight, eps, None)[0]
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    return silu_mul_quant(gate_up, None)[0]
+
+
+def quantize_rows(x: torch.Tensor, fp8_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    q, s = quantize_per_token(x, fp8_dtype)
+    return q, s.unsqueeze(-1)
+
+
+def rms_norm_quant_op(x: torch.Tensor, weight: torch.Tensor, eps: float, fp8_dtype: torch.dtype):
+    q, s, _ = rms_norm_quant(x, weight, eps, fp8_dtype)
+    return q, s.unsqueeze(-1)
+
+
+def silu_mul_quant_op(gate_up: torch.Tensor, fp8_dtype: torch.dtype):
+    q, s = silu_mul_quant(gate_up, fp8_dtype)
+    return q, s.unsqueeze(-1)
+
+
+def fp8_linear(q, x_scale, w_q, w_scale, w_q_compute, bias, out_dtype):  # type: ignore[no-untyped-def]
+    """Engine signature: scales may be per-tensor ([1]) or row-wise ([T, 1] / [N]); bias added after."""
+    T, N = q.shape[0], w_q.shape[0]
+    a_s = x_scale.reshape(-1).float().expand(T).contiguous()
+    w_s = w_scale.reshape(-1).float().expand(N).contiguous()
+    y = _fp8_linear(q if q.stride(-1) == 1 else q.contiguous(), a_s, w_q, w_s, out_dtype)
+    return y if bias is None else y + bias
+
+
+def paged_attention_decode(q, k_cache, v_cache, k_scale, v_scale, block_tables, context_lens, sm_scale):  # type: ignore[no-untyped-def]
+    # The table's width bounds every sequence's length without a host sync, so this is graph-capturable.
+    max_len = block_tables.shape[1] * k_cache.shape[1]
+    return _attn(q.contiguous(), k_cache, v_cache, block_tables, context_lens, sm_scale, k_scale, v_scale,
+                 max_seq_len=max_len)
+
+
+def kv_write(k_cache, v_cache, k_scale, v_scale, slots, k, v, kv_dtype: KVDtype) -> None:  # type: ignore[no-untyped-def]
+    _kv_write(k, v, slots, k_cache, v_cache, k_scale, v_scale)
+
+
+IMPLS = {
+    "rms_norm": rms_norm,
+    "silu_mul": silu_mul,
+    "quantize_rows": quantize_rows,
+    "rms_norm_quant": rms_norm_quant_op,
+    "silu_mul_quant": silu_mul_quant_op,
+    "fp8_linear": fp8_linear,
+    "paged_attention_decode": paged_attention_decode,
+    "kv_write": kv_write,
+}
+
+
+def register(device_type: str = "cuda", priority: int = 10) -> bool:
+    """Register the adapters with the engine's op registry; False when Triton or the engine is missing."""
+    if _ops is None:
+        return False
+    _ops.register_backend(BACKEND_NAME, IMPLS, device_type=device_type, priority=priority)
+    return True
+
+
+register()

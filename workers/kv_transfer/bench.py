@@ -1,0 +1,388 @@
+"""`tandem bench kv-transfer`: KV transfer throughput over loopback gRPC vs a raw TCP socket.
+
+For each (prompt length, KV dtype) it moves one prompt's KV of a model shape (synthetic tensors,
+`orchestrator/core/model_shape.py`) through a real KVTransferServer on 127.0.0.1 (frames, crc32,
+validation, assembly; the sink discards) and, in the same run, the same payload bytes through a
+plain TCP socket (sendall / recv_into, nothing else): the ceiling. It prints GB/s of both, their
+ratio, bytes of bf16 vs fp8, and how much of the transfer layer-wise streaming hides behind a
+simulated per-layer prefill compute delay (stream while "computing" vs send after prefill).
+
+    tandem bench kv-transfer --model-shape llama-3.1-8b-shape --tokens 1024,8192 --kv-dtype bf16,fp8_e4m3 \
+        --streams 1 --out benchmarks/kv_transfer.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from orchestrator.core.model_shape import ModelShape, get_shape
+from orchestrator.core.types import KVDtype
+from workers.kv_payload import KVLayerPayload, KVLayout
+
+# torch and grpc are imported inside functions: the raw-socket receiver process needs neither.
+
+BENCH_TOKEN = "bench-token-loopback"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("what", choices=["kv-transfer"], help="which benchmark")
+    parser.add_argument("--model-shape", default="llama-3.1-8b-shape")
+    parser.add_argument("--tokens", default="1024,8192", help="comma-separated prompt lengths")
+    parser.add_argument("--kv-dtype", default="bf16,fp8_e4m3", help="comma-separated: bf16, fp8_e4m3, fp8_e5m2")
+    parser.add_argument("--streams", type=int, default=1, help="concurrent transfers (each a whole prompt)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per point; the median is reported")
+    parser.add_argument("--chunk-mib", type=float, default=2.0, help="gRPC chunk size")
+    parser.add_argument("--layer-compute-ms", type=float, default=None,
+                        help="simulated prefill compute per layer for the overlap measurement "
+                             "(default: the time one layer takes to transfer, i.e. compute and transfer balanced)")
+    parser.add_argument("--no-overlap", action="store_true", help="skip the streaming-overlap measurement")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON too")
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON result here (e.g. benchmarks/…)")
+
+
+class _NullSink:
+    """A KVSink that accepts and drops every layer (the receiver's own work is what is measured)."""
+
+    def __init__(self, layout: KVLayout, kv_dtype: KVDtype) -> None:
+        self._layout, self._dtype = layout, kv_dtype
+
+    @property
+    def kv_layout(self) -> KVLayout:
+        return self._layout
+
+    @property
+    def kv_dtype(self) -> KVDtype:
+        return self._dtype
+
+    def reserve_kv(self, request_id: str, layout: KVLayout, num_tokens: int) -> None:
+        self._layout.check_compatible(layout)
+
+    def write_kv_layer(self, request_id: str, payload: KVLayerPayload) -> None:
+        pass
+
+    def release_kv(self, request_id: str) -> None:
+        pass
+
+
+def layout_of(shape: ModelShape) -> KVLayout:
+    return KVLayout(f"bench:{shape.name}", shape.num_layers, shape.num_kv_heads, shape.head_dim, shape.rope_theta)
+
+
+def synthetic_layer(shape: ModelShape, num_tokens: int, kv_dtype: KVDtype, seed: int = 0) -> KVLayerPayload:
+    """One layer of K/V for num_tokens (reused for every layer: the bytes moved are the same size)."""
+    import torch
+
+    from workers.kv_transfer.fp8 import quantize, wire_dtype_of
+
+    g = torch.Generator().manual_seed(seed)
+    dims = (num_tokens, shape.num_kv_heads, shape.head_dim)
+    wire = wire_dtype_of(kv_dtype)
+    k, ks = quantize(torch.randn(dims, generator=g), wire)
+    v, vs = quantize(torch.randn(dims, generator=g), wire)
+    return KVLayerPayload(layer=0, token_start=0, k=k, v=v, k_scale=ks, v_scale=vs)
+
+
+def _sections(p: KVLayerPayload) -> list[memoryview]:
+    import torch
+
+    out = []
+    for t in (p.k, p.v, p.k_scale, p.v_scale):
+        if t is not None:
+            out.append(memoryview(t.contiguous().view(torch.uint8).reshape(-1).numpy()))
+    return out
+
+
+# ---------------------------------------------------------------- receivers in a child process
+# The receiving side runs in its own process, as a decode worker would: sender and receiver do
+# not share a GIL. The child reads commands on stdin ("R rid num_tokens" -> reserve) and prints
+# its port first, then "ok" per command.
+
+
+def _raw_receiver(lsock: socket.socket) -> None:
+    def serve_one(conn: socket.socket) -> None:
+        with conn:
+            head = conn.recv(8, socket.MSG_WAITALL)
+            if len(head) != 8:
+                return
+            need = struct.unpack(">Q", head)[0]
+            buf = bytearray(4 << 20)
+            view = memoryview(buf)
+            while need:
+                n = conn.recv_into(view, min(len(buf), need))
+                if n == 0:
+                    return
+                need -= n
+            conn.sendall(b"k")
+
+    while True:
+        conn, _addr = lsock.accept()
+        threading.Thread(target=serve_one, args=(conn,), daemon=True).start()
+
+
+def _child_main() -> None:
+    """Entry of a receiver process: argv = [kind, shape, comma-separated kv dtypes]."""
+    kind, shape_name, dtypes = sys.argv[1:4]
+    if kind == "raw":
+        lsock = socket.create_server(("127.0.0.1", 0))
+        print(lsock.getsockname()[1], flush=True)
+        threading.Thread(target=_raw_receiver, args=(lsock,), daemon=True).start()
+        sys.stdin.read()
+        return
+    from workers.kv_transfer.server import KVTransferServer
+
+    layout = layout_of(get_shape(shape_name))
+    servers = {}
+    for d in dtypes.split(","):  # one server per KV dtype: the sink stores what is sent, no transcoding
+        servers[d] = KVTransferServer(_NullSink(layout, KVDtype(d)), lambda rid, s: None, auth_token=BENCH_TOKEN,
+                                      max_inflight_bytes=1 << 40, max_workers=16)
+    print(" ".join(f"{d}={srv.start()}" for d, srv in servers.items()), flush=True)
+    for line in sys.stdin:
+        _cmd, d, rid, ntok = line.split()
+        servers[d].reserve(rid, layout, int(ntok), lease_s=600)
+        print("ok", flush=True)
+    for srv in servers.values():
+        srv.stop(0)
+
+
+class _Child:
+    """A receiver process; `ports` maps each kv dtype to its server's port (raw: one port for all)."""
+
+    def __init__(self, kind: str, shape_name: str, kv_dtypes: list[KVDtype]) -> None:
+        code = "from workers.kv_transfer.bench import _child_main; _child_main()"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code, kind, shape_name, ",".join(d.value for d in kv_dtypes)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2],
+        )
+        line = self.proc.stdout.readline().split()
+        if kind == "raw":
+            self.ports = {d: int(line[0]) for d in kv_dtypes}
+        else:
+            self.ports = {KVDtype(k): int(v) for k, v in (item.split("=") for item in line)}
+        self.lock = threading.Lock()
+
+    def reserver(self, kv_dtype: KVDtype) -> _Reserver:
+        return _Reserver(self, kv_dtype)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+class _Reserver:
+    """Stands in for KVTransferServer.reserve (a local call in the decode worker) across the process."""
+
+    def __init__(self, child: _Child, kv_dtype: KVDtype) -> None:
+        self.child, self.kv_dtype = child, kv_dtype
+
+    def reserve(self, rid: str, layout: KVLayout, num_tokens: int, lease_s: float = 600) -> None:
+        c = self.child
+        with c.lock:
+            c.proc.stdin.write(f"R {self.kv_dtype.value} {rid} {num_tokens}\n")
+            c.proc.stdin.flush()
+            if c.proc.stdout.readline().strip() != "ok":
+                raise RuntimeError("bench receiver failed to reserve")
+
+
+def _raw_tcp_once(port: int, sections: list[memoryview], num_layers: int, streams: int) -> float:
+    """Seconds to push num_layers x sections over `streams` loopback sockets, receiver acks at the end."""
+    total = num_layers * sum(len(s) for s in sections)
+
+    def send_one() -> None:
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(struct.pack(">Q", total))
+            for _ in range(num_layers):
+                for sec in sections:
+                    s.sendall(sec)
+            if s.recv(1) != b"k":
+                raise ConnectionError("raw socket: no ack")
+
+    t0 = time.perf_counter()
+    senders = [threading.Thread(target=send_one) for _ in range(streams)]
+    for t in senders:
+        t.start()
+    for t in senders:
+        t.join()
+    return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------- gRPC
+
+
+def _grpc_once(server, client, layout: KVLayout, payload: KVLayerPayload, kv_dtype: KVDtype, num_tokens: int,
+               streams: int, chunk_bytes: int, run_id: str, compute_s: float = 0.0, stream_layers: bool = True
+               ) -> tuple[float, int]:
+    """Seconds for `streams` concurrent transfers of one prompt's KV; returns (seconds, payload bytes)."""
+    prompt = [1] * num_tokens
+    errors: list[BaseException] = []
+    moved = [0] * streams
+    for i in range(streams):
+        server.reserve(f"{run_id}-{i}", layout, num_tokens, lease_s=600)
+
+    def one(i: int) -> None:
+        rid = f"{run_id}-{i}"
+        try:
+            st = client.open_stream(rid, layout, kv_dtype, prompt, chunk_bytes=chunk_bytes, deadline_s=600)
+            if not stream_layers and compute_s:
+                time.sleep(compute_s * layout.num_layers)  # the whole prefill, then send
+            for layer in range(layout.num_layers):
+                if stream_layers and compute_s:
+                    time.sleep(compute_s)  # this layer's compute, then send it while the next one runs
+                st.send_layer(KVLayerPayload(layer, 0, payload.k, payload.v, payload.k_scale, payload.v_scale))
+            moved[i] = st.finish(first_token_id=1).bytes_received
+        except BaseException as e:  # reported after the join
+            errors.append(e)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    dt = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return dt, sum(moved)
+
+
+def _versions() -> dict[str, str]:
+    import grpc
+    import msgpack
+    import torch
+
+    return {
+        "python": platform.python_version(), "torch": torch.__version__, "grpcio": grpc.__version__,
+        "msgpack": ".".join(map(str, msgpack.version)),
+    }
+
+
+def run_bench(shape_name: str, tokens: list[int], dtypes: list[KVDtype], streams: int = 1, repeat: int = 3,
+              chunk_bytes: int = 2 << 20, layer_compute_ms: float | None = None, overlap: bool = True) -> dict[str, Any]:
+    """Run every point; returns the JSON-able result (rows plus environment)."""
+    from workers.kv_transfer.client import KVTransferClient
+    shape = get_shape(shape_name)
+    layout = layout_of(shape)
+    rows = []
+    children = _Child("grpc", shape.name, dtypes), _Child("raw", shape.name, dtypes)
+    try:
+        for kv_dtype in dtypes:
+            server = children[0].reserver(kv_dtype)
+            raw_port = children[1].ports[kv_dtype]
+            client = KVTransferClient(f"127.0.0.1:{children[0].ports[kv_dtype]}", auth_token=BENCH_TOKEN, timeout_s=60)
+            try:
+                for n in tokens:
+                    rows.append(_point(server, client, raw_port, shape, layout, kv_dtype, n, streams, repeat,
+                                       chunk_bytes, layer_compute_ms, overlap))
+            finally:
+                client.close()
+    finally:
+        for c in children:
+            c.close()
+    return {
+        "benchmark": "kv-transfer", "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "device": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.machine()}), loopback 127.0.0.1, "
+                  "receiver in a child process",
+        "versions": _versions(), "chunk_bytes": chunk_bytes, "repeat": repeat, "rows": rows,
+    }
+
+
+def _point(server, client, raw_port, shape, layout, kv_dtype, n, streams, repeat, chunk_bytes, layer_compute_ms,
+           overlap) -> dict[str, Any]:
+    payload = synthetic_layer(shape, n, kv_dtype)
+    sections = _sections(payload)
+    nbytes = shape.num_layers * sum(len(s) for s in sections) * streams
+    _grpc_once(server, client, layout, payload, kv_dtype, n, 1, chunk_bytes, f"warm-{n}")
+    g_times, r_times = [], []
+    for r in range(repeat):  # interleaved, so both see the same background load
+        dt, moved = _grpc_once(server, client, layout, payload, kv_dtype, n, streams, chunk_bytes, f"g-{n}-{r}")
+        if moved != nbytes:
+            raise RuntimeError(f"gRPC moved {moved} bytes, expected {nbytes}")
+        g_times.append(dt)
+        r_times.append(_raw_tcp_once(raw_port, sections, shape.num_layers, streams))
+    g_s, r_s = statistics.median(g_times), statistics.median(r_times)
+    row = {
+        "model_shape": shape.name, "tokens": n, "kv_dtype": kv_dtype.value, "streams": streams,
+        "bytes": nbytes, "bytes_per_token": nbytes // (n * streams),
+        "grpc_s": g_s, "raw_tcp_s": r_s, "grpc_gbps": nbytes / g_s / 1e9, "raw_tcp_gbps": nbytes / r_s / 1e9,
+        "grpc_over_raw": r_s / g_s, "grpc_runs_s": g_times, "raw_tcp_runs_s": r_times,
+    }
+    if overlap:
+        row.update(_overlap(server, client, layout, payload, kv_dtype, n, chunk_bytes, g_s / streams, layer_compute_ms))
+    return row
+
+
+def _overlap(server, client, layout, payload, kv_dtype, n, chunk_bytes, transfer_s, layer_compute_ms) -> dict:
+    """Serial (prefill, then send) vs streamed (send each layer as it is computed), one stream."""
+    c = (transfer_s / layout.num_layers) if layer_compute_ms is None else layer_compute_ms / 1e3
+    compute = c * layout.num_layers
+    serial, _ = _grpc_once(server, client, layout, payload, kv_dtype, n, 1, chunk_bytes, f"ser-{n}", c, False)
+    streamed, _ = _grpc_once(server, client, layout, payload, kv_dtype, n, 1, chunk_bytes, f"str-{n}", c, True)
+    exposed_serial = max(serial - compute, 1e-9)
+    exposed_streamed = max(streamed - compute, 0.0)
+    return {
+        "layer_compute_ms": c * 1e3, "prefill_compute_s": compute, "serial_s": serial, "streamed_s": streamed,
+        "exposed_transfer_serial_s": exposed_serial, "exposed_transfer_streamed_s": exposed_streamed,
+        "hidden_fraction": max(0.0, 1.0 - exposed_streamed / exposed_serial),
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    head = (f"{'shape':<20} {'tokens':>6} {'kv':>9} {'str':>3} {'MiB':>8} {'B/tok':>7} {'gRPC GB/s':>9} "
+            f"{'raw GB/s':>8} {'ratio':>6} {'hidden':>7}")
+    lines = [head, "-" * len(head)]
+    for r in result["rows"]:
+        hidden = f"{100 * r['hidden_fraction']:.0f}%" if "hidden_fraction" in r else "-"
+        lines.append(
+            f"{r['model_shape']:<20} {r['tokens']:>6} {r['kv_dtype']:>9} {r['streams']:>3} {r['bytes'] / 2**20:>8.1f} "
+            f"{r['bytes_per_token']:>7} {r['grpc_gbps']:>9.2f} {r['raw_tcp_gbps']:>8.2f} {r['grpc_over_raw']:>6.2f} "
+            f"{hidden:>7}"
+        )
+    by = {(r["tokens"], r["kv_dtype"]): r["bytes_per_token"] for r in result["rows"]}
+    for n in sorted({r["tokens"] for r in result["rows"]}):
+        if (n, "bf16") in by and (n, "fp8_e4m3") in by:
+            lines.append(f"fp8_e4m3 moves {by[(n, 'fp8_e4m3')] / by[(n, 'bf16')]:.3f}x the bytes of bf16 "
+                         f"(scales included) at {n} tokens")
+    for r in result["rows"]:
+        if "hidden_fraction" in r:
+            lines.append(
+                f"overlap {r['tokens']:>6} {r['kv_dtype']:>9}: compute {r['layer_compute_ms']:.1f} ms/layer, "
+                f"send-after-prefill exposes {1e3 * r['exposed_transfer_serial_s']:.0f} ms, layer streaming "
+                f"{1e3 * r['exposed_transfer_streamed_s']:.0f} ms -> {100 * r['hidden_fraction']:.0f}% hidden"
+            )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        tokens = [int(x) for x in str(args.tokens).split(",") if x]
+        dtypes = [KVDtype(x) for x in str(args.kv_dtype).split(",") if x]
+    except ValueError as e:
+        print(f"tandem bench: {e}", file=sys.stderr)
+        return 2
+    if args.streams < 1 or args.repeat < 1 or any(n < 1 for n in tokens):
+        print("tandem bench: --streams, --repeat and --tokens must be >= 1", file=sys.stderr)
+        return 2
+    result = run_bench(args.model_shape, tokens, dtypes, streams=args.streams, repeat=args.repeat,
+                       chunk_bytes=int(args.chunk_mib * (1 << 20)), layer_compute_ms=args.layer_compute_ms,
+                       overlap=not args.no_overlap)
+    result["command"] = "tandem bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
+    print(format_table(result))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0

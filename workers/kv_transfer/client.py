@@ -1,0 +1,217 @@
+"""`KVTransferClient`: the prefill side's connection to a decode worker's KVTransferServer."""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Iterator, Sequence
+
+import grpc
+
+from orchestrator.core.types import KVDtype, TandemError
+from workers.kv_payload import KVCapacityError, KVLayout, KVLayoutMismatch
+from workers.kv_transfer import control
+from workers.kv_transfer.errors import (
+    KVTransferError,
+    TransferAuthError,
+    TransferCancelled,
+    TransferDeadlineExceeded,
+    TransferUnavailable,
+    error_from_name,
+)
+from workers.kv_transfer.fp8 import WireDtype
+from workers.kv_transfer.security import (
+    ERROR_METADATA_KEY,
+    SERVICE_NAME,
+    TOKEN_METADATA_KEY,
+    TLSConfig,
+    check_token,
+)
+from workers.kv_transfer.sender import DEFAULT_CHUNK_BYTES, KVStream
+from workers.kv_transfer.server import channel_options
+from workers.kv_transfer.wire import DEFAULT_MAX_FRAME_BYTES, MAX_HEADER_BYTES, PROTOCOL_VERSION
+
+_BY_CODE = {
+    grpc.StatusCode.UNAUTHENTICATED: TransferAuthError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: TransferDeadlineExceeded,
+    grpc.StatusCode.CANCELLED: TransferCancelled,
+    grpc.StatusCode.UNAVAILABLE: TransferUnavailable,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: KVCapacityError,
+}
+
+
+def error_from_rpc(e: grpc.RpcError) -> TandemError:
+    """Map a failed RPC to the typed error the server named (or one chosen by status code)."""
+    code = e.code() if hasattr(e, "code") else None
+    details = (e.details() if hasattr(e, "details") else None) or str(code)
+    for key, value in (e.trailing_metadata() if hasattr(e, "trailing_metadata") else None) or ():
+        if key == ERROR_METADATA_KEY:
+            return error_from_name(str(value), details)
+    if code is grpc.StatusCode.CANCELLED:
+        details = f"{details} (cancelled by either side, the receiver's lease ran out, or it shut down)"
+    return _BY_CODE.get(code, KVTransferError)(details)
+
+
+class KVTransferClient:
+    """Connection to `target` ("127.0.0.1:PORT"). Thread-safe; open many streams on one client."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        auth_token: str,
+        tls: TLSConfig | None = None,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        timeout_s: float = 10.0,
+    ) -> None:
+        self.target = target
+        self._md = ((TOKEN_METADATA_KEY, check_token(auth_token)),)
+        self.timeout_s = timeout_s
+        self.max_frame_bytes = max_frame_bytes
+        opts = channel_options(max_frame_bytes + MAX_HEADER_BYTES)
+        if tls is not None:
+            if tls.server_name_override:
+                opts = [*opts, ("grpc.ssl_target_name_override", tls.server_name_override)]
+            self._channel = grpc.secure_channel(target, tls.channel_credentials(), options=opts)
+        else:
+            self._channel = grpc.insecure_channel(target, options=opts)
+        m = f"/{SERVICE_NAME}/"
+        self._handshake = self._channel.unary_unary(m + "Handshake")
+        self._health = self._channel.unary_unary(m + "Health")
+        self._cancel = self._channel.unary_unary(m + "Cancel")
+        self._push = self._channel.stream_unary(m + "PushKV")
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> KVTransferClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method, body: bytes) -> bytes:
+        try:
+            return method(body, timeout=self.timeout_s, metadata=self._md)
+        except grpc.RpcError as e:
+            raise error_from_rpc(e) from None
+
+    def handshake(self, layout: KVLayout) -> None:
+        """Compare layouts with the receiver; KVLayoutMismatch names every differing factor."""
+        reply = control.decode_handshake_reply(self._call(self._handshake, control.encode_handshake_request(layout)))
+        if reply.ok:
+            return
+        diffs = layout.mismatches(reply.layout)
+        if reply.protocol_version != PROTOCOL_VERSION:
+            diffs.insert(0, f"protocol_version: {PROTOCOL_VERSION} here vs {reply.protocol_version} at peer")
+        raise KVLayoutMismatch("KV layout mismatch with " + self.target + ": " + "; ".join(diffs or ["compat hash"]))
+
+    def health(self) -> control.Health:
+        return control.decode_health(self._call(self._health, b""))
+
+    def cancel(self, request_id: str) -> bool:
+        """Ask the receiver to drop request_id's reservation/transfer. True when it existed."""
+        reply = control.unpack_map(self._call(self._cancel, control.encode_cancel(request_id)), "cancel reply")
+        return reply.get("found") is True
+
+    def open_stream(
+        self,
+        request_id: str,
+        layout: KVLayout,
+        kv_dtype: KVDtype,
+        prompt_token_ids: Sequence[int],
+        *,
+        deadline_s: float = 30.0,
+        wire_dtype: WireDtype | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        max_queue_bytes: int = 64 * 1024 * 1024,
+        src_block_size: int = 0,
+    ) -> GrpcKVStream:
+        """Start a PushKV stream (the receiver must have reserved request_id). See sender.KVStream."""
+        return GrpcKVStream(
+            self, request_id, layout, kv_dtype, prompt_token_ids, deadline_s=deadline_s, wire_dtype=wire_dtype,
+            chunk_bytes=min(chunk_bytes, self.max_frame_bytes // 2), max_queue_bytes=max_queue_bytes,
+            src_block_size=src_block_size,
+        )
+
+
+class GrpcKVStream(KVStream):
+    """A PushKV call fed from a queue bounded in bytes (flow control on the sender)."""
+
+    def __init__(
+        self, client: KVTransferClient, request_id: str, layout: KVLayout, kv_dtype: KVDtype,
+        prompt_token_ids: Sequence[int], *, deadline_s: float, max_queue_bytes: int, **kw,
+    ) -> None:
+        super().__init__(request_id, layout, kv_dtype, prompt_token_ids, **kw)
+        self.deadline = time.monotonic() + deadline_s
+        self.max_queue_bytes = max(int(max_queue_bytes), 1)
+        self._q: collections.deque[bytes | None] = collections.deque([self._open_frame])
+        self._qbytes = len(self._open_frame)
+        self._cv = threading.Condition()
+        self._future = client._push.future(self._requests(), timeout=deadline_s, metadata=client._md)
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of frames queued and not yet taken by gRPC (bounded by max_queue_bytes + one frame)."""
+        return self._qbytes
+
+    def _requests(self) -> Iterator[bytes]:
+        while True:
+            with self._cv:
+                while not self._q:
+                    self._cv.wait()
+                item = self._q.popleft()
+                if item is not None:
+                    self._qbytes -= len(item)
+                self._cv.notify_all()
+            if item is None:
+                return
+            yield item
+
+    def _error(self) -> TandemError:
+        try:
+            self._future.result(timeout=0)
+        except grpc.RpcError as e:
+            return error_from_rpc(e)
+        except grpc.FutureCancelledError:
+            return TransferCancelled(f"stream {self.request_id!r} was aborted")
+        return KVTransferError(f"stream {self.request_id!r}: the receiver answered before the finish frame")
+
+    def _emit(self, frames: list[bytes]) -> None:
+        for f in frames:
+            with self._cv:
+                while self._qbytes + len(f) > self.max_queue_bytes and self._qbytes > 0:
+                    if self._future.done():
+                        raise self._error()
+                    if time.monotonic() > self.deadline:
+                        self.abort()
+                        raise TransferDeadlineExceeded(f"stream {self.request_id!r}: deadline passed while queued")
+                    self._cv.wait(timeout=0.05)
+                if self._future.done():
+                    raise self._error()
+                self._q.append(f)
+                self._qbytes += len(f)
+                self._cv.notify_all()
+
+    def _finish(self, frame: bytes) -> control.TransferAck:
+        with self._cv:
+            self._q.append(frame)
+            self._q.append(None)
+            self._cv.notify_all()
+        try:
+            body = self._future.result()
+        except grpc.RpcError as e:
+            raise error_from_rpc(e) from None
+        except grpc.FutureCancelledError:
+            raise TransferCancelled(f"stream {self.request_id!r} was aborted") from None
+        return control.decode_ack(body)
+
+    def abort(self) -> None:
+        self.closed = True
+        self._future.cancel()
+        with self._cv:
+            self._q.clear()
+            self._q.append(None)
+            self._qbytes = 0
+            self._cv.notify_all()

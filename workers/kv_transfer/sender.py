@@ -1,0 +1,160 @@
+"""The sending side: turn KVLayerPayloads into frames. Shared by the gRPC and in-process streams.
+
+`KVStream` is what `open_stream` returns. Its contract (the engine's `on_layer` callback calls
+`send_layer`):
+
+- `send_layer(payload)` validates the payload against the stream's layout, transcodes it to the
+  wire variant, snapshots it into frames (so the engine may reuse its tensors right after) and
+  hands them to the transport. It returns once the frames are queued; it blocks while the
+  transport's bounded queue is full (flow control) and raises the transfer's typed error if the
+  receiver has already failed the transfer.
+- `finish(first_token_id)` sends the FINISH frame and waits for the receiver's `TransferAck`.
+- `abort()` cancels the transfer; the receiver frees its blocks. Idempotent.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+
+import torch
+
+from orchestrator.core.types import KVDtype
+from workers.kv_payload import KVImportError, KVLayerPayload, KVLayout
+from workers.kv_transfer.control import TransferAck
+from workers.kv_transfer.errors import FrameError
+from workers.kv_transfer.fp8 import WireDtype, transcode, wire_dtype_of
+from workers.kv_transfer.wire import PREFIX, PROTOCOL_VERSION, encode_chunk, encode_finish, encode_open
+
+DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024
+
+
+def _bytes_view(t: torch.Tensor) -> memoryview:
+    return memoryview(t.contiguous().view(torch.uint8).reshape(-1).numpy())
+
+
+def encode_payload(
+    request_id: str,
+    payload: KVLayerPayload,
+    wire: WireDtype,
+    first_seq: int,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    src_block_size: int = 0,
+) -> list[bytes]:
+    """Frames for one layer payload already in `wire`'s dtype, split by tokens into ~chunk_bytes."""
+    n, h, d = (int(x) for x in payload.k.shape)
+    el = wire.bytes_per_element
+    tok_bytes = h * d * el
+    scale_tok_bytes = h * 4 if wire.is_fp8 else 0
+    per_tok = 2 * tok_bytes + 2 * scale_tok_bytes
+    step = max(1, chunk_bytes // per_tok)
+    k, v = _bytes_view(payload.k), _bytes_view(payload.v)
+    ks = _bytes_view(payload.k_scale.to(torch.float32)) if wire.is_fp8 else memoryview(b"")
+    vs = _bytes_view(payload.v_scale.to(torch.float32)) if wire.is_fp8 else memoryview(b"")
+    frames = []
+    for i, a in enumerate(range(0, n, step)):
+        b = min(n, a + step)
+        sections = [
+            k[a * tok_bytes : b * tok_bytes],
+            v[a * tok_bytes : b * tok_bytes],
+            ks[a * scale_tok_bytes : b * scale_tok_bytes],
+            vs[a * scale_tok_bytes : b * scale_tok_bytes],
+        ]
+        frames.append(encode_chunk(
+            request_id, first_seq + i, payload.layer, payload.token_start + a, payload.token_start + b,
+            wire, sections, end_of_payload=b == n, src_block_size=src_block_size,
+        ))
+    return frames
+
+
+class KVStream(abc.ABC):
+    """One outgoing transfer (see the module docstring for the contract)."""
+
+    def __init__(
+        self,
+        request_id: str,
+        layout: KVLayout,
+        kv_dtype: KVDtype,
+        prompt_token_ids: Sequence[int],
+        *,
+        wire_dtype: WireDtype | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        src_block_size: int = 0,
+    ) -> None:
+        if not prompt_token_ids:
+            raise KVImportError("prompt_token_ids must not be empty")
+        if chunk_bytes < 1024:
+            raise ValueError(f"chunk_bytes must be >= 1024, got {chunk_bytes}")
+        self.request_id = request_id
+        self.layout = layout
+        self.kv_dtype = KVDtype(kv_dtype)
+        self.src_wire = wire_dtype_of(self.kv_dtype)
+        self.wire = WireDtype(wire_dtype) if wire_dtype is not None else self.src_wire
+        self.num_tokens = len(prompt_token_ids)
+        self.chunk_bytes = int(chunk_bytes)
+        self.src_block_size = int(src_block_size)
+        self.seq = 0
+        self.payload_bytes = 0
+        self.closed = False
+        self._open_frame = encode_open(
+            request_id, layout.compat_hash(PROTOCOL_VERSION), self.wire, self.num_tokens, layout.num_layers,
+            layout.num_kv_heads, layout.head_dim, list(prompt_token_ids), src_block_size,
+        )
+
+    # -- transport hooks
+    @abc.abstractmethod
+    def _emit(self, frames: list[bytes]) -> None:
+        """Hand frames to the transport (may block for flow control; raises the transfer's error)."""
+
+    @abc.abstractmethod
+    def _finish(self, frame: bytes) -> TransferAck:
+        """Send the final frame and wait for the acknowledgement."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Cancel the transfer; the receiver frees the reservation. Idempotent."""
+
+    # -- public
+    def send_layer(self, payload: KVLayerPayload) -> None:
+        """Queue one layer's KV (any token range not yet sent) for sending."""
+        if self.closed:
+            raise FrameError(f"stream {self.request_id!r} is closed")
+        self._check(payload)
+        wire_payload = transcode(payload, self.src_wire, self.wire)
+        frames = encode_payload(
+            self.request_id, wire_payload, self.wire, self.seq, self.chunk_bytes, self.src_block_size
+        )
+        self.seq += len(frames)
+        self.payload_bytes += sum(_payload_len(f) for f in frames)
+        self._emit(frames)
+
+    def finish(self, first_token_id: int) -> TransferAck:
+        """Close the stream and wait for the receiver to verify and write everything."""
+        if self.closed:
+            raise FrameError(f"stream {self.request_id!r} is closed")
+        if not isinstance(first_token_id, int) or first_token_id < 0:
+            raise KVImportError(f"first_token_id must be a non-negative int, got {first_token_id!r}")
+        self.closed = True
+        return self._finish(encode_finish(self.request_id, self.seq, first_token_id, self.seq, self.payload_bytes))
+
+    def _check(self, p: KVLayerPayload) -> None:
+        lay = self.layout
+        want = self.src_wire.torch_dtype
+        shape = (p.num_tokens, lay.num_kv_heads, lay.head_dim)
+        if tuple(p.k.shape) != shape or tuple(p.v.shape) != shape:
+            raise KVImportError(f"layer {p.layer}: k/v shapes {tuple(p.k.shape)}/{tuple(p.v.shape)} != {shape}")
+        if p.k.dtype != want or p.v.dtype != want:
+            raise KVImportError(f"layer {p.layer}: k/v dtype {p.k.dtype} != {want} ({self.kv_dtype.value})")
+        if self.src_wire.is_fp8 and (p.k_scale is None or p.v_scale is None):
+            raise KVImportError(f"layer {p.layer}: fp8 KV needs k_scale and v_scale")
+        if self.src_wire.is_fp8 and (tuple(p.k_scale.shape) != shape[:2] or tuple(p.v_scale.shape) != shape[:2]):
+            raise KVImportError(f"layer {p.layer}: scales must be {shape[:2]}")
+        if not 0 <= p.layer < lay.num_layers:
+            raise KVImportError(f"layer {p.layer} outside [0, {lay.num_layers})")
+        if p.num_tokens < 1 or not 0 <= p.token_start <= self.num_tokens - p.num_tokens:
+            raise KVImportError(f"tokens [{p.token_start}, {p.token_start + p.num_tokens}) outside the prompt")
+
+
+def _payload_len(frame: bytes) -> int:
+    hlen = PREFIX.unpack_from(frame, 0)[4]
+    return len(frame) - PREFIX.size - hlen
