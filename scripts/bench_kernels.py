@@ -57,6 +57,8 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true", help="try every launch config and record the winners")
     ap.add_argument("--only", default=",".join(SECTIONS[:-1]), help=f"comma-separated subset of {SECTIONS}")
     ap.add_argument("--out", default=None, help="JSON path (default: $OUT or benchmarks/)")
+    ap.add_argument("--thin-ms", default="1,2,4,8,16,32,64,128,256", help="token counts of the thin section")
+    ap.add_argument("--wide", action="store_true", help="with --sweep: also tile M in the thin sweep")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_kernels needs a CUDA GPU", file=sys.stderr)
@@ -70,7 +72,7 @@ def main() -> int:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     only = args.only.split(",")
     runs = {"quant": S.bench_quant, "kv_write": S.bench_kv_write, "prefill": lambda: S.bench_prefill(args.sweep),
-            "thin": lambda: S.bench_thin(args.sweep), "attention": S.bench_attention,
+            "thin": lambda: S.bench_thin(args.sweep, tuple(int(m) for m in args.thin_ms.split(",")), args.wide), "attention": S.bench_attention,
             "attn_variants": S.bench_attention_variants}
     for name in SECTIONS:
         if name in only:

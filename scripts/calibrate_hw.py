@@ -41,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--measure-to", help="measure on this CUDA device and write the measurement JSON here")
     ap.add_argument("--model", default="llama-3.1-8b-shape", help="model shape for --measure-to stacks")
     ap.add_argument("--eager", action="store_true", help="--measure-to: time eager calls, not CUDA graphs")
+    ap.add_argument("--forward", action="store_true",
+                    help="--measure-to: time whole bf16 forward steps (prefill, decode) instead of GEMMs")
+    ap.add_argument("--check-forward",
+                    help="forward JSON (from --forward): fit the non-GEMM terms on its train steps into the profile "
+                         "and compare every step with the cost model")
     ap.add_argument("--device", help="hardware catalog key, e.g. h100-sxm")
     ap.add_argument("--measurements", help="measurement JSON (reference baseline or generic)")
     ap.add_argument("--power", help="power JSON with rows of {phase, power_w}")
@@ -49,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="compare measured linear stacks with the cost model (catalog and fitted profile)")
     args = ap.parse_args(argv)
     if args.measure_to:
-        measure(args.measure_to, PRESETS[args.model], graphs=not args.eager)
+        measure(args.measure_to, PRESETS[args.model], graphs=not args.eager, forward=args.forward)
         return 0
     if not (args.device and args.measurements and args.out):
         ap.error("fitting needs --device, --measurements and --out (or use --measure-to)")
@@ -101,7 +106,56 @@ def fit(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}")
     if args.check_stacks and doc.get("stacks"):
         check_stacks(doc, args.device, catalog, CalibrationProfile.load(args.out))
+    if args.check_forward:
+        check_forward(json.loads(Path(args.check_forward).read_text()), args.device, catalog,
+                      CalibrationProfile.load(args.out), args.out)
     return 0
+
+
+def check_forward(doc: dict, device: str, catalog, profile, out_path: str) -> None:  # noqa: ANN001
+    """Fit the non-GEMM terms (per-layer overheads, elementwise factor) on the train split of measured
+    bf16 forward steps, add them to the profile at `out_path`, and print every step measured vs
+    predicted (cost model less step_overhead_s, the host work the measurement does not do)."""
+    from types import MappingProxyType
+
+    from orchestrator.core.calibration import (
+        CalibrationProfile,
+        DeviceCalibration,
+        fit_non_gemm,
+        forward_steps,
+    )
+    from orchestrator.core.cost_model import CostModel
+    from orchestrator.core.types import KVDtype, LinearMode
+
+    shape = PRESETS[doc["forward"]["model"]]
+    steps = forward_steps(doc)
+    gemm_only = CostModel(shape, catalog, profile=profile)
+    fitted = fit_non_gemm(gemm_only, device, [s for s in steps if s.split == "train"],
+                          linear_mode=LinearMode.BF16, kv_dtype=KVDtype.BF16)
+    dev = profile.devices[device]
+    overrides = {**dev.overrides, **fitted}
+    profile = CalibrationProfile(MappingProxyType({**profile.devices, device: DeviceCalibration(
+        dev.gemm, MappingProxyType(overrides), dev.points)}), profile.source + " + forward steps", profile.created)
+    profile.save(out_path)
+    full = CostModel(shape, catalog, profile=profile)
+    print(f"\nnon-GEMM fit on the train steps: prefill {fitted['prefill_layer_overhead_s'] * 1e6:.1f} us/layer, "
+          f"decode {fitted['decode_layer_overhead_s'] * 1e6:.1f} us/layer, elementwise x{fitted['elementwise_factor']:.2f}"
+          f"; rewrote {out_path}")
+    print(f"bf16 forward steps of {shape.name} (cost model less step_overhead_s):")
+    print(f"{'step':28} {'split':8} {'measured ms':>12} {'GEMM-only profile':>18} {'err':>7} {'+ non-GEMM fit':>15} {'err':>7}")
+    for st in steps:
+        preds = []
+        for c in (gemm_only, full):
+            o = c.spec(device).step_overhead_s
+            if st.phase == "prefill":
+                t = c.prefill_time_s(device, st.tokens, linear_mode=LinearMode.BF16, kv_dtype=KVDtype.BF16)
+            else:
+                t = c.decode_step_time_s(device, [st.context] * st.batch, linear_mode=LinearMode.BF16,
+                                         kv_dtype=KVDtype.BF16)
+            preds.append((t - o) * 1e3)
+        name = f"prefill {st.tokens} tokens" if st.phase == "prefill" else f"decode b={st.batch} ctx={st.context}"
+        print(f"{name:28} {st.split:8} {st.ms:12.3f} {preds[0]:18.3f} {(preds[0] / st.ms - 1) * 100:+6.1f}% "
+              f"{preds[1]:15.3f} {(preds[1] / st.ms - 1) * 100:+6.1f}%")
 
 
 def check_stacks(doc: dict, device: str, catalog, profile) -> None:
@@ -129,7 +183,7 @@ SQUARES = [(s, s, s) for s in (1024, 2048, 4096, 8192)]
 STACK_ROWS = (1, 8, 16, 32, 64, 128, 256, 4096)
 
 
-def measure(out_path: str, shape, graphs: bool = True) -> None:  # noqa: ANN001 - ModelShape
+def measure(out_path: str, shape, graphs: bool = True, forward: bool = False) -> None:  # noqa: ANN001
     """Time GEMMs, a copy and the model's linear stacks on the current CUDA device; write JSON.
     graphs: time CUDA-graph replays (kernel time, as a graph-captured engine runs) instead of eager calls."""
     import datetime as dt_
@@ -143,7 +197,7 @@ def measure(out_path: str, shape, graphs: bool = True) -> None:  # noqa: ANN001 
     f8 = torch.float8_e4m3fn
     torch.manual_seed(0)
 
-    def bench_ms(fn, target_ms: float = 20.0) -> float:
+    def bench_ms(fn, target_ms: float = 20.0, eager: bool = False) -> float:
         """Median ms per call of fn(i): eager back-to-back calls, or (graphs) replays of a CUDA graph
         of n captured calls, which removes the host's per-launch cost as a serving engine does."""
         side = torch.cuda.Stream()
@@ -160,7 +214,7 @@ def measure(out_path: str, shape, graphs: bool = True) -> None:  # noqa: ANN001 
         e.record()
         e.synchronize()
         est_ms = max(s.elapsed_time(e) / 3, 1e-3)
-        if graphs:
+        if graphs and not eager:
             calls = max(1, min(50, int(2.0 / est_ms)))
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g):
@@ -209,6 +263,17 @@ def measure(out_path: str, shape, graphs: bool = True) -> None:  # noqa: ANN001 
             "fp8_tensor": lambda i: torch._scaled_mm(a8, w8[i % copies].t(), scale_a=one, scale_b=one,
                                                      out_dtype=torch.bfloat16, use_fast_accum=True),
         }
+
+    if forward:
+        out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "date": dt_.datetime.now(dt_.UTC).isoformat(timespec="seconds"),
+               "method": "bf16 Llama forward in plain torch (RMSNorm, RoPE, SDPA flash attention with GQA, "
+                         "SiLU-mul, residuals, LM head); prefill eager, decode steps replayed from a CUDA graph",
+               "forward": measure_forward(torch, shape, bench_ms)}
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_path).write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {out_path}")
+        return
 
     h, ai = shape.hidden_size, shape.intermediate_size
     qkv_n = (shape.num_heads + 2 * shape.num_kv_heads) * shape.head_dim
@@ -276,6 +341,87 @@ def measure(out_path: str, shape, graphs: bool = True) -> None:  # noqa: ANN001 
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     Path(out_path).write_text(json.dumps(out, indent=2) + "\n")
     print(f"copy {copy_tbps:.2f} TB/s; wrote {out_path}")
+
+
+FORWARD_PREFILL = (512, 4096, 16384)
+FORWARD_DECODE = ((1, 1024), (16, 1024), (64, 1024), (1, 32768), (16, 8192))  # (batch, context)
+
+
+def measure_forward(torch, shape, bench_ms, device: str = "cuda") -> dict:  # noqa: ANN001
+    """Time whole bf16 forward steps of `shape` (random weights): prefill of one prompt, decode steps."""
+    import torch.nn.functional as F
+
+    dev = torch.device(device)
+    L, h, ai, nh, nkv, d = (shape.num_layers, shape.hidden_size, shape.intermediate_size, shape.num_heads,
+                            shape.num_kv_heads, shape.head_dim)
+    W = [{"qkv": torch.randn((nh + 2 * nkv) * d, h, device=dev, dtype=torch.bfloat16) * 0.02,
+          "o": torch.randn(h, nh * d, device=dev, dtype=torch.bfloat16) * 0.02,
+          "gu": torch.randn(2 * ai, h, device=dev, dtype=torch.bfloat16) * 0.02,
+          "down": torch.randn(h, ai, device=dev, dtype=torch.bfloat16) * 0.02,
+          "n1": torch.ones(h, device=dev, dtype=torch.bfloat16), "n2": torch.ones(h, device=dev, dtype=torch.bfloat16)}
+         for _ in range(L)]
+    lm = torch.randn(shape.vocab_size, h, device=dev, dtype=torch.bfloat16) * 0.02
+
+    def rms(x, w):  # noqa: ANN001
+        return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5).to(x.dtype) * w
+
+    def rope(x, cos, sin):  # noqa: ANN001 - x: [B, heads, T, d]
+        x1, x2 = x[..., : d // 2], x[..., d // 2:]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+    def layer_stack(x, attend, cos, sin):  # noqa: ANN001 - x: [B, T, h]
+        B, T, _ = x.shape
+        for lw in W:
+            r = x
+            qkv = rms(x, lw["n1"]) @ lw["qkv"].t()
+            q, k, v = qkv.split([nh * d, nkv * d, nkv * d], dim=-1)
+            q = rope(q.view(B, T, nh, d).transpose(1, 2), cos, sin)
+            k = rope(k.view(B, T, nkv, d).transpose(1, 2), cos, sin)
+            a = attend(q, k, v.view(B, T, nkv, d).transpose(1, 2), lw)
+            x = r + a.transpose(1, 2).reshape(B, T, nh * d) @ lw["o"].t()
+            g, u = (rms(x, lw["n2"]) @ lw["gu"].t()).chunk(2, dim=-1)
+            x = x + (F.silu(g) * u) @ lw["down"].t()
+        return x
+
+    rows = []
+    for T in FORWARD_PREFILL:
+        x = torch.randn(1, T, h, device=dev, dtype=torch.bfloat16)
+        cos = torch.randn(T, d // 2, device=dev, dtype=torch.bfloat16)
+        sin = torch.randn(T, d // 2, device=dev, dtype=torch.bfloat16)
+
+        def prefill(i, x=x, cos=cos, sin=sin) -> None:  # noqa: ANN001
+            y = layer_stack(x, lambda q, k, v, lw: F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                              enable_gqa=True), cos, sin)
+            (y[:, -1] @ lm.t())
+
+        ms = bench_ms(prefill, target_ms=300.0, eager=True)
+        rows.append({"phase": "prefill", "tokens": T, "ms": ms})
+        print(f"forward prefill T={T:6d} {ms:9.3f} ms")
+    for b, ctx in FORWARD_DECODE:
+        caches = [(torch.randn(b, nkv, ctx + 1, d, device=dev, dtype=torch.bfloat16),
+                   torch.randn(b, nkv, ctx + 1, d, device=dev, dtype=torch.bfloat16)) for _ in range(L)]
+        x = torch.randn(b, 1, h, device=dev, dtype=torch.bfloat16)
+        cos = torch.randn(1, d // 2, device=dev, dtype=torch.bfloat16)
+        sin = torch.randn(1, d // 2, device=dev, dtype=torch.bfloat16)
+        it = {"layer": 0}
+
+        def attend(q, k, v, lw, caches=caches, ctx=ctx, it=it):  # noqa: ANN001
+            kc, vc = caches[it["layer"] % L]
+            it["layer"] += 1
+            kc[:, :, ctx:ctx + 1] = k
+            vc[:, :, ctx:ctx + 1] = v
+            return F.scaled_dot_product_attention(q, kc, vc, enable_gqa=True)
+
+        def decode(i, x=x, cos=cos, sin=sin, attend=attend) -> None:  # noqa: ANN001
+            y = layer_stack(x, attend, cos, sin)
+            (y[:, -1] @ lm.t())
+
+        ms = bench_ms(decode, target_ms=200.0)
+        rows.append({"phase": "decode", "batch": b, "context": ctx, "ms": ms})
+        print(f"forward decode b={b:3d} ctx={ctx:6d} {ms:9.3f} ms")
+        del caches
+        torch.cuda.empty_cache()
+    return {"model": shape.name, "rows": rows}
 
 
 if __name__ == "__main__":

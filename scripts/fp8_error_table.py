@@ -44,17 +44,19 @@ def main() -> int:
                             block_size=16, max_model_len=args.prompt_len + args.generate + 16)
         t0 = time.perf_counter()
         prompts = eval_prompts(259 if model == "tiny" else 128256, args.prompts, args.prompt_len)
-        lin = linear_mode_errors(base, prompts, progress=lambda m: print(f"  [{model}] {m}", flush=True))
+        lin = linear_mode_errors(base, prompts, progress=lambda m, name=model: print(f"  [{name}] {m}", flush=True))
         kv = kv_errors(base, prompts, args.generate)
         secs = time.perf_counter() - t0
         label = model if layers is None else f"{model} ({layers} layers)"
         results.append({"model": label, "num_layers": layers, "linear": lin, "kv": kv, "seconds": round(secs, 1)})
         print(f"\n== {label}: {args.prompts} prompts x {args.prompt_len} tokens, float32 compute, "
               f"baseline = linear bf16 mode at float32 ({secs:.0f} s)")
-        print(f"{'linear':<22}{'format':<8}{'rounding':<12}{'rel logit err':>15}{'top-1 agree':>13}")
+        print(f"(baseline's top-1 is the input token at {lin[0]['baseline_top1_is_input']:.0%} of positions)")
+        print(f"{'linear':<22}{'format':<8}{'rounding':<12}{'rel logit err':>15}{'top-1 agree':>13}"
+              f"{'top-1 agree, input masked':>27}")
         for r in lin:
             print(f"{r['linear']:<22}{r['format']:<8}{r['rounding']:<12}{r['rel_logit_err']:>15.4f}"
-                  f"{r['top1_agreement']:>13.3f}")
+                  f"{r['top1_agreement']:>13.3f}{r['top1_agreement_excl_input']:>27.3f}")
         print(f"{'kv dtype':<22}{'kv rel err':>15}{'greedy tokens = bf16-KV run (of ' + str(args.generate) + ')':>44}")
         for r in kv:
             print(f"{r['kv_dtype']:<22}{r['kv_rel_err']:>15.4f}{r['greedy_tokens_matching_bf16_kv']:>44.2f}")
@@ -68,6 +70,9 @@ def main() -> int:
         "metrics": {
             "rel_logit_err": "||L - L_ref||_F / ||L_ref||_F over all prompt positions (teacher forced)",
             "top1_agreement": "fraction of positions whose argmax equals the baseline's",
+            "top1_agreement_excl_input": "the same with each position's input token masked out in both "
+            "(random tied-embedding models predict their input token almost everywhere)",
+            "baseline_top1_is_input": "fraction of positions where the baseline's argmax is the input token",
             "kv_rel_err": "||dequant(quant(KV)) - KV||_F / ||KV||_F over the model's real K and V",
             "greedy_tokens_matching_bf16_kv": "mean greedy tokens before the first difference from the bf16-KV run",
         },

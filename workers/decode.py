@@ -24,6 +24,7 @@ from typing import Any
 from orchestrator.core.types import FinishReason, KVDtype, Role, SamplingParams, TandemError
 
 log = logging.getLogger(__name__)
+MAX_REMEMBERED_CANCELS = 4096  # ids kept to drop KV that lands after its request was cancelled
 
 
 class WorkerError(TandemError):
@@ -47,6 +48,22 @@ class WorkerSpec:
     lease_s: float = 30.0
     deadline_s: float = 60.0
     idle_wait_s: float = 0.02  # the engine loop's wait when there is nothing to step
+    kv_bind_host: str | None = None  # KV server address; None = this Ray node's IP (127.0.0.1 locally)
+
+
+def kv_bind_host(spec: WorkerSpec) -> str:
+    """Where the KV receiver listens: the spec's host, else the Ray node's IP (so prefill workers on
+    other nodes can reach it), else loopback outside Ray."""
+    if spec.kv_bind_host:
+        return spec.kv_bind_host
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return str(ray.util.get_node_ip_address())
+    except ImportError:
+        pass
+    return "127.0.0.1"
 
 
 def build_engine(spec: WorkerSpec) -> Any:
@@ -121,7 +138,7 @@ class DecodeWorker:
         self._cv = threading.Condition(self._lock)
         self._outboxes: dict[str, _Outbox] = {}
         self._pending_sampling: dict[str, SamplingParams] = {}  # reserved, waiting for KV
-        self._cancelled: set[str] = set()
+        self._cancelled: dict[str, None] = {}  # recently cancelled ids (insertion-ordered, bounded)
         self._stats = {"transfers_completed": 0, "transfers_failed": 0, "kv_bytes_received": 0,
                        "tokens_generated": 0}
         self._meter = make_power_meter()
@@ -133,7 +150,7 @@ class DecodeWorker:
             if not spec.auth_token:
                 raise WorkerError(f"{spec.worker_id}: the gRPC KV transport needs an auth token")
             self.server = KVTransferServer(
-                _LockedSink(self), self._on_complete, auth_token=spec.auth_token, host="127.0.0.1", port=0,
+                _LockedSink(self), self._on_complete, auth_token=spec.auth_token, host=kv_bind_host(spec), port=0,
                 tls=tls_config(spec), default_lease_s=spec.lease_s, on_failure=self._on_failure,
             )
             self.server.start()
@@ -248,7 +265,9 @@ class DecodeWorker:
         """Abort a request wherever it is here and free its blocks. True when it was known."""
         with self._lock:
             known = request_id in self._outboxes or request_id in self._pending_sampling
-            self._cancelled.add(request_id)
+            self._cancelled[request_id] = None
+            while len(self._cancelled) > MAX_REMEMBERED_CANCELS:
+                del self._cancelled[next(iter(self._cancelled))]
             self._pending_sampling.pop(request_id, None)
             self._outboxes.pop(request_id, None)
         if self.server is not None:

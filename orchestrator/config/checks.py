@@ -8,17 +8,28 @@ keys are then checked only for being non-empty).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
+
 from orchestrator.config.models import (
-    ContextTTFTRouting,
+    AdmissionConfig,
+    KVTransportConfig,
+    ModelConfig,
+    PoolConfig,
+    PowerConfig,
     PowerRouting,
+    RoutingConfig,
+    SLAConfig,
     TandemConfig,
     ThresholdRouting,
     TiersRouting,
 )
+from orchestrator.core.model_shape import PRESETS
 from orchestrator.core.types import Role
+
+_ROUTING: TypeAdapter[Any] = TypeAdapter(RoutingConfig)
 
 
 @dataclass(frozen=True)
@@ -65,125 +76,182 @@ def _has_hw(catalog: Any, key: str) -> bool:
     return True
 
 
+@dataclass
+class Parts:
+    """The sections of a config that validated on their own (None / missing when they did not).
+
+    Cross-section rules run on whatever is valid, so that a file with field errors still gets every
+    cross-section problem that can be judged. `pools` keeps each valid pool with its index in the file.
+    """
+
+    model: ModelConfig | None = None
+    pools: list[tuple[int, PoolConfig]] = field(default_factory=list)
+    pools_complete: bool = False  # every pool of the file validated
+    routing: Any = None  # one of the RoutingConfig models
+    sla: SLAConfig | None = None
+    power: PowerConfig | None = None
+    power_ok: bool = False  # the power section is absent/null, or validated
+    admission: AdmissionConfig | None = None
+    kv: KVTransportConfig | None = None
+
+
+def parts_of(cfg: TandemConfig) -> Parts:
+    return Parts(
+        cfg.model, list(enumerate(cfg.pools)), True, cfg.routing, cfg.sla, cfg.power, True, cfg.admission,
+        cfg.kv_transport,
+    )
+
+
+def _try(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except ValidationError:
+        return None
+
+
+def parts_from_data(data: Mapping[str, Any]) -> Parts:
+    """Validate each section of raw YAML data on its own (defaults for absent sections)."""
+    parts = Parts()
+    if "model" in data:
+        parts.model = _try(lambda: ModelConfig.model_validate(data["model"]))
+    raw_pools = data.get("pools")
+    if isinstance(raw_pools, list):
+        for i, raw in enumerate(raw_pools):
+            pool = _try(lambda raw=raw: PoolConfig.model_validate(raw))
+            if pool is not None:
+                parts.pools.append((i, pool))
+        parts.pools_complete = bool(raw_pools) and len(parts.pools) == len(raw_pools)
+    parts.routing = _try(lambda: _ROUTING.validate_python(data.get("routing") or {"kind": "context-ttft"}))
+    parts.sla = _try(lambda: SLAConfig.model_validate(data.get("sla") or {}))
+    if data.get("power") is None:
+        parts.power_ok = True
+    else:
+        parts.power = _try(lambda: PowerConfig.model_validate(data["power"]))
+        parts.power_ok = parts.power is not None
+    parts.admission = _try(lambda: AdmissionConfig.model_validate(data.get("admission") or {}))
+    parts.kv = _try(lambda: KVTransportConfig.model_validate(data.get("kv_transport") or {}))
+    return parts
+
+
 def cross_check(cfg: TandemConfig, catalog_loader: Callable[[], Any | None] = _load_catalog) -> list[Problem]:
-    """Every cross-field problem of an otherwise well-typed config."""
+    """Every cross-field problem of a well-typed config."""
+    return check_parts(parts_of(cfg), catalog_loader)
+
+
+def check_parts(parts: Parts, catalog_loader: Callable[[], Any | None] = _load_catalog) -> list[Problem]:
+    """Every cross-section problem that the valid sections allow judging."""
     out: list[Problem] = []
     add = lambda path, msg: out.append(Problem(path, msg))  # noqa: E731
+    model, pools, complete = parts.model, parts.pools, parts.pools_complete
 
     # pools: unique names, roles that can serve
     seen: dict[str, int] = {}
-    for i, p in enumerate(cfg.pools):
+    for i, p in pools:
         if p.name in seen:
             add(f"pools[{i}].name", f"duplicate pool name {p.name!r} (also pools[{seen[p.name]}])")
         else:
             seen[p.name] = i
-    roles = {p.role for p in cfg.pools}
-    decode_capable = roles & {Role.DECODE, Role.BOTH}
-    if not decode_capable:
+    roles = {p.role for _, p in pools}
+    if complete and not roles & {Role.DECODE, Role.BOTH}:
         if Role.PREFILL in roles:
             add("pools", "a disaggregated cluster needs a decode (or both) pool to receive the prefill pool's KV")
         else:
             add("pools", "no pool can decode: add a pool with role decode or both")
 
     # pools agree on the model's KV layout and context length
-    if len({cfg.pool_kv_dtype(p) for p in cfg.pools}) > 1:
-        for i, p in enumerate(cfg.pools):
-            if p.engine.kv_dtype is not None and p.engine.kv_dtype is not cfg.model.kv_dtype:
+    if model is not None:
+        for i, p in pools:
+            if p.engine.kv_dtype is not None and p.engine.kv_dtype is not model.kv_dtype:
                 add(
                     f"pools[{i}].engine.kv_dtype",
                     f"pools disagree on KV dtype ({p.engine.kv_dtype.value} here, model.kv_dtype "
-                    f"{cfg.model.kv_dtype.value}); KV moves between pools, so every pool must store the same",
+                    f"{model.kv_dtype.value}); KV moves between pools, so every pool must store the same",
                 )
-    for i, p in enumerate(cfg.pools):
-        mml = p.engine.max_model_len
-        if mml is not None and mml != cfg.model.max_model_len:
+            mml = p.engine.max_model_len
+            if mml is not None and mml != model.max_model_len:
+                add(
+                    f"pools[{i}].engine.max_model_len",
+                    f"{mml} differs from model.max_model_len {model.max_model_len}; pools must agree on the "
+                    "context length (a request may land on any of them)",
+                )
+        # model shape preset
+        if model.path is None and model.shape_name not in PRESETS:
+            path = "model.shape" if model.shape else "model.name"
+            add(path, f"unknown model shape {model.shape_name!r}; known: {', '.join(sorted(PRESETS))}")
+        shape = PRESETS.get(model.shape_name)
+        if shape is not None and model.max_model_len > shape.max_position_embeddings:
             add(
-                f"pools[{i}].engine.max_model_len",
-                f"{mml} differs from model.max_model_len {cfg.model.max_model_len}; pools must agree on the "
-                "context length (a request may land on any of them)",
+                "model.max_model_len",
+                f"{model.max_model_len} exceeds the model's {shape.max_position_embeddings} positions",
             )
 
-    # model shape preset
-    try:
-        from orchestrator.core.model_shape import PRESETS
-    except ImportError:  # pragma: no cover - always present in this tree
-        PRESETS = {}
-    if PRESETS and cfg.model.path is None and cfg.model.shape_name not in PRESETS:
-        path = "model.shape" if cfg.model.shape else "model.name"
-        add(path, f"unknown model shape {cfg.model.shape_name!r}; known: {', '.join(sorted(PRESETS))}")
-    shape = PRESETS.get(cfg.model.shape_name) if PRESETS else None
-    if shape is not None and cfg.model.max_model_len > shape.max_position_embeddings:
-        add(
-            "model.max_model_len",
-            f"{cfg.model.max_model_len} exceeds the model's {shape.max_position_embeddings} positions",
-        )
-
-    # hardware keys against the catalog (when it exists)
+    # hardware keys and the KV link against the catalog (when it exists)
     catalog = catalog_loader()
     if catalog is not None:
         known = _catalog_keys(catalog)
-        for i, p in enumerate(cfg.pools):
+        for i, p in pools:
             if not _has_hw(catalog, p.hardware):
                 hint = f"; known: {', '.join(known)}" if known else ""
                 add(f"pools[{i}].hardware", f"unknown hardware {p.hardware!r}{hint}")
-
-        link = cfg.kv_transport.link
+        link = parts.kv.link if parts.kv is not None else None
         links = getattr(catalog, "links", None)
         if link is not None and isinstance(links, Mapping) and link not in links:
             add("kv_transport.link", f"unknown link {link!r}; known: {', '.join(sorted(links))}")
 
     # routing parameters resolve
-    r = cfg.routing
-    prefill_pools = {p.name for p in cfg.pools if p.role is Role.PREFILL}
-    if isinstance(r, ThresholdRouting | TiersRouting) and not prefill_pools:
+    r = parts.routing
+    prefill_pools = {p.name for _, p in pools if p.role is Role.PREFILL}
+    if complete and isinstance(r, ThresholdRouting | TiersRouting) and not prefill_pools:
         add("routing.kind", f"policy {r.kind!r} sends prefill to a prefill pool, but no pool has role prefill")
-    if isinstance(r, TiersRouting):
+    if complete and isinstance(r, TiersRouting):
         for j, t in enumerate(r.tiers):
             if t.pool is not None and t.pool not in prefill_pools:
                 add(
                     f"routing.tiers[{j}].pool",
                     f"{t.pool!r} is not a prefill pool; prefill pools: {', '.join(sorted(prefill_pools)) or 'none'}",
                 )
-    if isinstance(r, PowerRouting) and cfg.power is None:
+    if isinstance(r, PowerRouting) and parts.power_ok and parts.power is None:
         add("routing.kind", "policy 'power' needs a power section with cluster_w")
-    _ = ContextTTFTRouting  # every policy's own fields are checked by its model
 
     # SLA classes
     names: dict[str, int] = {}
-    for i, c in enumerate(cfg.sla.classes):
-        if c.name in names:
-            add(f"sla.classes[{i}].name", f"duplicate SLA class {c.name!r} (also sla.classes[{names[c.name]}])")
-        else:
-            names[c.name] = i
-    if cfg.sla.default not in names:
-        add("sla.default", f"default class {cfg.sla.default!r} is not among {', '.join(names)}")
-    for k in cfg.admission.queue_caps:
-        if k not in names:
-            add(f"admission.queue_caps.{k}", f"unknown SLA class {k!r}; classes: {', '.join(names)}")
+    if parts.sla is not None:
+        for i, c in enumerate(parts.sla.classes):
+            if c.name in names:
+                add(f"sla.classes[{i}].name", f"duplicate SLA class {c.name!r} (also sla.classes[{names[c.name]}])")
+            else:
+                names[c.name] = i
+        if parts.sla.default not in names:
+            add("sla.default", f"default class {parts.sla.default!r} is not among {', '.join(names)}")
+        if parts.admission is not None:
+            for k in parts.admission.queue_caps:
+                if k not in names:
+                    add(f"admission.queue_caps.{k}", f"unknown SLA class {k!r}; classes: {', '.join(names)}")
 
     # power budget
-    if cfg.power is not None:
-        for k, w in cfg.power.pools.items():
-            if k not in seen:
+    pw = parts.power
+    if pw is not None:
+        for k, w in pw.pools.items():
+            if complete and k not in seen:
                 add(f"power.pools.{k}", f"unknown pool {k!r}; pools: {', '.join(seen)}")
-            elif w > cfg.power.cluster_w:
-                add(f"power.pools.{k}", f"{w} W exceeds the cluster budget {cfg.power.cluster_w} W")
-        if catalog is not None:
+            elif w > pw.cluster_w:
+                add(f"power.pools.{k}", f"{w} W exceeds the cluster budget {pw.cluster_w} W")
+        if catalog is not None and complete:
             idle_w = 0.0
             ok = True
-            for p in cfg.pools:
+            for _, p in pools:
                 try:
                     idle_w += float(catalog[p.hardware].idle_w) * p.replicas
                 except Exception:
                     ok = False
-            if ok and idle_w > cfg.power.cluster_w:
+            if ok and idle_w > pw.cluster_w:
                 add(
                     "power.cluster_w",
-                    f"{cfg.power.cluster_w} W is below the fleet's idle draw {idle_w:.0f} W: nothing could run",
+                    f"{pw.cluster_w} W is below the fleet's idle draw {idle_w:.0f} W: nothing could run",
                 )
 
     # transport
-    kvt = cfg.kv_transport
-    if kvt.auth_token_env is not None and kvt.auth_token is not None:
+    kvt = parts.kv
+    if kvt is not None and kvt.auth_token_env is not None and kvt.auth_token is not None:
         add("kv_transport.auth_token", "give either auth_token_env or auth_token, not both")
     return out

@@ -1,8 +1,8 @@
 """Load a serving YAML into a frozen `TandemConfig`, or raise `ConfigError` listing every problem.
 
 Problems carry their path in the file (`pools[1].role`) and, when the YAML node can be found, its
-line number (1-based). Field errors come from pydantic; cross-section errors from `checks`. Cross
-checks run only once every field is well typed (they need a built config).
+line number (1-based). Field errors come from pydantic; cross-section errors from `checks`, judged on
+every section that validated on its own (so one run lists both kinds).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from orchestrator.config.checks import Problem, cross_check
+from orchestrator.config.checks import Problem, check_parts, cross_check, parts_from_data
 from orchestrator.config.models import RoutingKind, TandemConfig
 from orchestrator.core.types import TandemError
 
@@ -113,12 +113,18 @@ def parse_config(data: Any, source: str = "<config>", root: yaml.Node | None = N
     try:
         cfg = TandemConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(source, _pydantic_problems(err, root)) from None
+        # field errors, plus every cross-section problem the sections that did validate let us judge
+        field_problems = _pydantic_problems(err, root)
+        cross = check_parts(parts_from_data(data))
+        raise ConfigError(source, field_problems + _locate(cross, root)) from None
     problems = cross_check(cfg)
     if problems:
-        located = [Problem(p.path, p.message, _line_of(root, _parse_path(p.path))) for p in problems]
-        raise ConfigError(source, located)
+        raise ConfigError(source, _locate(problems, root))
     return cfg
+
+
+def _locate(problems: Sequence[Problem], root: yaml.Node | None) -> list[Problem]:
+    return [Problem(p.path, p.message, _line_of(root, _parse_path(p.path))) for p in problems]
 
 
 def load_config_text(text: str, source: str = "<string>") -> TandemConfig:

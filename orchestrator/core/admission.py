@@ -6,6 +6,7 @@ In order, first match wins:
 1. unknown SLA class                                       → REJECT UNKNOWN_SLA_CLASS   (HTTP 400)
 2. prompt + max_tokens > model.max_model_len               → REJECT CONTEXT_TOO_LONG    (HTTP 400)
 3. no healthy decode-capable worker                        → REJECT NO_HEALTHY_WORKER   (HTTP 503)
+   prompt + max_tokens > the largest decode worker's whole KV cache → REJECT EXCEEDS_KV_CAPACITY (400)
 4. best predicted TTFT (router.best_ttft_ms) > class ttft_ms
    (when admission.reject_unreachable_sla)                 → REJECT SLA_UNREACHABLE     (HTTP 429)
 5. requests of its class already waiting, or no decode worker has KV room now:
@@ -43,6 +44,7 @@ class AdmissionReason(enum.StrEnum):
     POWER_QUEUED = "power_queued"  # the router found no placement within the power budget
     UNKNOWN_SLA_CLASS = "unknown_sla_class"
     CONTEXT_TOO_LONG = "context_too_long"
+    EXCEEDS_KV_CAPACITY = "exceeds_kv_capacity"  # no decode worker's whole cache could hold it
     NO_HEALTHY_WORKER = "no_healthy_worker"
     SLA_UNREACHABLE = "sla_unreachable"
     QUEUE_FULL = "queue_full"
@@ -57,6 +59,7 @@ class AdmissionReason(enum.StrEnum):
 _HTTP = {
     AdmissionReason.UNKNOWN_SLA_CLASS: 400,
     AdmissionReason.CONTEXT_TOO_LONG: 400,
+    AdmissionReason.EXCEEDS_KV_CAPACITY: 400,
     AdmissionReason.NO_HEALTHY_WORKER: 503,
     AdmissionReason.SLA_UNREACHABLE: 429,
     AdmissionReason.QUEUE_FULL: 429,
@@ -124,10 +127,18 @@ class Admission:
                 f"prompt {req.prompt_tokens} + max_tokens {req.max_tokens} = {req.kv_tokens} tokens "
                 f"exceeds the context length {limit}", self._retry(),
             )
-        if not snap.decode_workers():
+        healthy = snap.decode_workers()
+        if not healthy:
             return AdmissionDecision(
                 rid, AdmissionAction.REJECT, AdmissionReason.NO_HEALTHY_WORKER, sla.name,
                 "no healthy decode-capable worker", self._retry(),
+            )
+        biggest = max(w.total_kv_blocks * w.block_size for w in healthy)
+        if req.kv_tokens > biggest:
+            return AdmissionDecision(
+                rid, AdmissionAction.REJECT, AdmissionReason.EXCEEDS_KV_CAPACITY, sla.name,
+                f"prompt {req.prompt_tokens} + max_tokens {req.max_tokens} = {req.kv_tokens} tokens exceeds "
+                f"the largest decode worker's KV cache ({biggest} tokens)", self._retry(),
             )
         best = self.router.best_ttft_ms(req, snap)
         if cfg.admission.reject_unreachable_sla and best is not None and best > sla.ttft_ms:

@@ -31,7 +31,7 @@ PROFILE_FORMAT = "tandem-calibration/1"
 # Catalog fields a profile may override (all plain numbers).
 OVERRIDABLE = (
     "measured_mem_bw_tbps", "idle_w", "prefill_power_w", "decode_power_w", "step_overhead_s",
-    "attention_efficiency",
+    "attention_efficiency", "prefill_layer_overhead_s", "decode_layer_overhead_s", "elementwise_factor",
 )
 
 
@@ -219,3 +219,103 @@ def profile_from_measurements(
             curves[kind] = fit_gemm_curve(pts, peak_tflops[kind], prior=prior, source=f"fit of {source}")
     dev = DeviceCalibration(MappingProxyType(curves), MappingProxyType(dict(overrides)), tuple(points))
     return CalibrationProfile(MappingProxyType({device: dev}), source=source, created=created)
+
+
+# ------------------------------------------------------------------ non-GEMM time from whole steps
+@dataclass(frozen=True)
+class ForwardStep:
+    """One measured forward step: a prefill of `tokens` tokens, or a decode step of `batch` sequences at
+    `context` tokens each; `ms` excludes host scheduling/sampling (the cost model's step_overhead_s)."""
+
+    phase: str  # "prefill" | "decode"
+    ms: float
+    tokens: int = 0
+    batch: int = 0
+    context: int = 0
+    split: str = ""
+
+
+def fit_non_gemm(
+    cost_model: Any, device: str, steps: Sequence[ForwardStep], *, linear_mode: Any, kv_dtype: Any
+) -> dict[str, float]:
+    """Fit prefill_layer_overhead_s, decode_layer_overhead_s and elementwise_factor of `device` so that
+    the cost model (less step_overhead_s) matches measured whole steps, by least squares on relative
+    error with the three values kept >= 0. A phase without steps keeps an overhead of 0."""
+    from orchestrator.core.cost_model import CostModel
+    from orchestrator.core.hardware import Phase
+
+    if not steps:
+        raise CalibrationError("fit_non_gemm needs at least one measured step")
+    spec = cost_model.spec(device)
+    zero = CostModel(cost_model.model, cost_model.catalog.replace_spec(spec.with_overrides(
+        prefill_layer_overhead_s=0.0, decode_layer_overhead_s=0.0, elementwise_factor=0.0)))
+    unit = CostModel(cost_model.model, cost_model.catalog.replace_spec(spec.with_overrides(
+        prefill_layer_overhead_s=0.0, decode_layer_overhead_s=0.0, elementwise_factor=1.0)))
+    layers = cost_model.model.num_layers
+    rows: list[tuple[list[float], float]] = []  # ([L·[prefill], L·[decode], traffic_s], gap_s), weights 1/meas
+    for st in steps:
+        if st.phase == "prefill":
+            base = zero.prefill_time_s(device, st.tokens, linear_mode=linear_mode, kv_dtype=kv_dtype)
+            traffic = unit.elementwise_time_s(device, st.tokens, Phase.PREFILL)
+            x = [float(layers), 0.0, traffic]
+        elif st.phase == "decode":
+            base = zero.decode_step_time_s(device, [st.context] * st.batch, linear_mode=linear_mode,
+                                           kv_dtype=kv_dtype)
+            traffic = unit.elementwise_time_s(device, st.batch, Phase.DECODE)
+            x = [0.0, float(layers), traffic]
+        else:
+            raise CalibrationError(f"unknown step phase {st.phase!r}")
+        meas_s = st.ms * 1e-3
+        gap = meas_s - (base - spec.step_overhead_s)
+        rows.append(([v / meas_s for v in x], gap / meas_s))
+    active = [j for j in range(3) if any(r[0][j] for r in rows)]
+    while True:
+        coef = _least_squares(rows, active)
+        neg = [j for j in active if coef[j] < 0]
+        if not neg:
+            break
+        active = [j for j in active if j not in neg]
+    return {"prefill_layer_overhead_s": coef[0], "decode_layer_overhead_s": coef[1], "elementwise_factor": coef[2]}
+
+
+def _least_squares(rows: Sequence[tuple[list[float], float]], active: Sequence[int]) -> list[float]:
+    """Minimize Σ (x·c − y)² over the `active` coefficients (others 0), by Gaussian elimination."""
+    n = len(active)
+    a = [[sum(r[0][i] * r[0][j] for r in rows) for j in active] for i in active]
+    b = [sum(r[0][i] * r[1] for r in rows) for i in active]
+    for col in range(n):  # partial pivoting
+        piv = max(range(col, n), key=lambda r: abs(a[r][col]))
+        if abs(a[piv][col]) < 1e-300:
+            raise CalibrationError("non-GEMM fit is singular: measure more varied steps")
+        a[col], a[piv], b[col], b[piv] = a[piv], a[col], b[piv], b[col]
+        for r in range(n):
+            if r != col:
+                f = a[r][col] / a[col][col]
+                a[r] = [x - f * y for x, y in zip(a[r], a[col], strict=True)]
+                b[r] -= f * b[col]
+    out = [0.0, 0.0, 0.0]
+    for i, j in enumerate(active):
+        out[j] = b[i] / a[i][i]
+    return out
+
+
+# Which measured whole steps fit the non-GEMM terms; the rest are held out (scripts/calibrate_hw.py).
+FORWARD_TRAIN = frozenset({("prefill", 512, 0), ("prefill", 4096, 0), ("decode", 1, 1024), ("decode", 64, 1024)})
+
+
+def forward_steps(doc: Mapping[str, Any]) -> list[ForwardStep]:
+    """Whole-step measurements from `calibrate_hw.py --measure-to X --forward` JSON, split by FORWARD_TRAIN."""
+    out = []
+    try:
+        for r in doc["forward"]["rows"]:
+            if r["phase"] == "prefill":
+                key = ("prefill", int(r["tokens"]), 0)
+                st = ForwardStep("prefill", float(r["ms"]), tokens=int(r["tokens"]))
+            else:
+                key = ("decode", int(r["batch"]), int(r["context"]))
+                st = ForwardStep("decode", float(r["ms"]), batch=int(r["batch"]), context=int(r["context"]))
+            out.append(ForwardStep(st.phase, st.ms, st.tokens, st.batch, st.context,
+                                   "train" if key in FORWARD_TRAIN else "held-out"))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CalibrationError(f"malformed forward measurement: {e}") from None
+    return out

@@ -134,10 +134,16 @@ class CostModel:
             return 0.0
         return self.gemm_time_s(hw, num_rows, self.model.hidden_size, self.model.vocab_size, GemmKind.BF16)
 
-    def elementwise_time_s(self, hw: str | HardwareSpec, num_rows: int) -> float:
+    def elementwise_time_s(self, hw: str | HardwareSpec, num_rows: int, phase: Phase = Phase.DECODE) -> float:
+        """Non-GEMM time of one step over `num_rows` token rows: the activation traffic of norms,
+        residuals, RoPE and SiLU·mul at measured bandwidth (× elementwise_factor), plus layers × the
+        phase's per-layer overhead (both calibrated from whole forward steps; 1 and 0 by default)."""
+        spec = self.spec(hw)
         m = self.model
         elems = _ELEMENTWISE_H * m.hidden_size + _ELEMENTWISE_AI * m.intermediate_size
-        return num_rows * m.num_layers * elems * _ACT_BYTES / (self.spec(hw).measured_mem_bw_tbps * 1e12)
+        traffic = num_rows * m.num_layers * elems * _ACT_BYTES / (spec.measured_mem_bw_tbps * 1e12)
+        per_layer = spec.prefill_layer_overhead_s if phase is Phase.PREFILL else spec.decode_layer_overhead_s
+        return traffic * spec.elementwise_factor + m.num_layers * per_layer
 
     def _attention_time_s(self, spec: HardwareSpec, flops: float, kv_read_bytes: float) -> float:
         compute = flops / (spec.peak_bf16_tflops * 1e12 * spec.attention_efficiency)
@@ -191,7 +197,7 @@ class CostModel:
             + self.linear_time_s(spec, rows, mode)
             + self.lm_head_time_s(spec, len(seqs))
             + self._attention_time_s(spec, flops, kv_rw)
-            + self.elementwise_time_s(spec, rows)
+            + self.elementwise_time_s(spec, rows, Phase.PREFILL)
         )
 
     def prefill_layer_time_s(

@@ -205,6 +205,17 @@ class HardwareSpec:
     network_link: str  # key into the catalog's links
     price_per_hour_usd: float
     sources: Mapping[str, str] = field(default_factory=dict)
+    # Non-GEMM time beyond the modelled activation traffic (0 / 0 / 1 unless calibrated from whole
+    # forward steps, see calibration.fit_non_gemm): a fixed time per layer per step (kernel launches
+    # of norms, RoPE, activations; eager prefill pays host dispatch too) and a factor on the traffic.
+    prefill_layer_overhead_s: float = 0.0
+    decode_layer_overhead_s: float = 0.0
+    elementwise_factor: float = 1.0
+
+    @property
+    def fp8_gemm_efficiency(self) -> Mapping[GemmKind, GemmCurve]:
+        """The measured-efficiency curves of the FP8 GEMM kinds (empty on a device without FP8)."""
+        return {k: c for k, c in self.gemm.items() if k is not GemmKind.BF16} if self.has_fp8 else {}
 
     @property
     def has_fp8(self) -> bool:
@@ -284,6 +295,15 @@ def parse_hardware(doc: Mapping[str, Any], where: str) -> HardwareSpec:
         v, src = _figure(doc, name, where)
         values[name] = _number(v, name, where)
         sources[name] = src
+    for name, default in (("prefill_layer_overhead_s", 0.0), ("decode_layer_overhead_s", 0.0),
+                          ("elementwise_factor", 1.0)):
+        if name in doc:
+            v, src = _figure(doc, name, where)
+            values[name] = _number(v, name, where)
+            sources[name] = src
+        else:
+            values[name] = default
+            sources[name] = "default: not calibrated"
     for name in ("peak_fp8_tflops", "e4m3_max"):
         v, src = _figure(doc, name, where)
         values[name] = _number(v, name, where, allow_none=True)

@@ -18,7 +18,7 @@ prefill worker falls back to local prefill (NO_PREFILL_WORKER).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from orchestrator.config.models import (
     ContextTTFTRouting,
@@ -32,17 +32,30 @@ from orchestrator.core.router import Candidate, RouteContext, RouteReason, regis
 from orchestrator.core.snapshot import ClusterSnapshot, RouteRequest, WorkerSnapshot
 
 
-def _fallbacks(first: Placement, others: Sequence[Placement], reason: RouteReason, why: str) -> list[Candidate]:
-    """The policy's choice first, then the rest fastest-first (each described by its own numbers)."""
-    rest = sorted((o for o in others if o.key() != first.key()), key=lambda o: (o.ttft_ms, o.key()))
-    return [Candidate(first, reason, why)] + [
-        Candidate(o, reason, f"fallback {o.describe()}") for o in rest
-    ]
+def _fallbacks(
+    ctx: RouteContext,
+    req: RouteRequest,
+    d: WorkerSnapshot,
+    first: Placement,
+    prefills: Sequence[WorkerSnapshot],
+    reason: RouteReason,
+    *,
+    local: bool = True,
+) -> Iterator[Candidate]:
+    """Every other placement on d (remote on `prefills`, and local), fastest first. Lazy: the router
+    asks for these only when the policy's first choice is over the power budget."""
+    others = ctx.estimator.remotes_by_ttft(req, d, prefills)
+    if local:
+        others.append(ctx.estimator.estimate(req, d, None))
+    others.sort(key=lambda o: (o.ttft_ms, o.key()))
+    for o in others:
+        if o.key() != first.key():
+            yield Candidate(o, reason, "")
 
 
-def _no_prefill(req: RouteRequest, ctx: RouteContext, d: WorkerSnapshot, why: str) -> list[Candidate]:
+def _no_prefill(req: RouteRequest, ctx: RouteContext, d: WorkerSnapshot, why: str) -> Iterator[Candidate]:
     local = ctx.estimator.estimate(req, d, None)
-    return [Candidate(local, RouteReason.NO_PREFILL_WORKER, f"{why}; {local.describe()}")]
+    yield Candidate(local, RouteReason.NO_PREFILL_WORKER, f"{why}; {local.describe()}")
 
 
 @register_policy(RoutingKind.CONTEXT_TTFT)
@@ -54,20 +67,24 @@ class ContextTTFTPolicy:
 
     def candidates(
         self, req: RouteRequest, snap: ClusterSnapshot, decodes: Sequence[WorkerSnapshot], ctx: RouteContext
-    ) -> list[Candidate]:
+    ) -> Iterator[Candidate]:
         d = decodes[0]
         local = ctx.estimator.estimate(req, d, None)
-        remotes = ctx.best_remote(req, d, snap.prefill_workers())
-        if not remotes:
-            return [Candidate(local, RouteReason.COLOCATED, f"no prefill pool; {local.describe()}")]
-        best = remotes[0]
+        prefills = snap.prefill_workers()
+        best = ctx.estimator.fastest_remote(req, d, prefills)
+        if best is None:
+            yield Candidate(local, RouteReason.COLOCATED, f"no prefill pool; {local.describe()}")
+            return
         margin = self.cfg.remote_margin_ms
         vs = f"{local.describe()} vs {best.describe()}"
         if margin:
             vs += f" (+ margin {_fmt(margin)})"
         if best.ttft_ms + margin < local.ttft_ms:
-            return _fallbacks(best, [local, *remotes], RouteReason.REMOTE_FASTER, f"{vs}; remote")
-        return _fallbacks(local, remotes, RouteReason.LOCAL_FASTER, f"{vs}; local")
+            yield Candidate(best, RouteReason.REMOTE_FASTER, f"{vs}; remote")
+            yield from _fallbacks(ctx, req, d, best, prefills, RouteReason.REMOTE_FASTER)
+        else:
+            yield Candidate(local, RouteReason.LOCAL_FASTER, f"{vs}; local")
+            yield from _fallbacks(ctx, req, d, local, prefills, RouteReason.LOCAL_FASTER, local=False)
 
 
 @register_policy(RoutingKind.THRESHOLD)
@@ -79,20 +96,25 @@ class ThresholdPolicy:
 
     def candidates(
         self, req: RouteRequest, snap: ClusterSnapshot, decodes: Sequence[WorkerSnapshot], ctx: RouteContext
-    ) -> list[Candidate]:
+    ) -> Iterator[Candidate]:
         d = decodes[0]
         t = self.cfg.threshold_tokens
+        prefills = snap.prefill_workers()
         if req.prompt_tokens < t:
             local = ctx.estimator.estimate(req, d, None)
-            remotes = ctx.best_remote(req, d, snap.prefill_workers())
             why = f"prompt {req.prompt_tokens} < threshold {t}; {local.describe()}"
-            return _fallbacks(local, remotes, RouteReason.BELOW_THRESHOLD, why)
-        remotes = ctx.best_remote(req, d, snap.prefill_workers())
-        if not remotes:
-            return _no_prefill(req, ctx, d, f"prompt {req.prompt_tokens} >= threshold {t} but no healthy prefill worker")
-        local = ctx.estimator.estimate(req, d, None)
-        why = f"prompt {req.prompt_tokens} >= threshold {t}; {remotes[0].describe()}"
-        return _fallbacks(remotes[0], [*remotes, local], RouteReason.AT_OR_ABOVE_THRESHOLD, why)
+            yield Candidate(local, RouteReason.BELOW_THRESHOLD, why)
+            yield from _fallbacks(ctx, req, d, local, prefills, RouteReason.BELOW_THRESHOLD, local=False)
+            return
+        best = ctx.estimator.fastest_remote(req, d, prefills)
+        if best is None:
+            yield from _no_prefill(
+                req, ctx, d, f"prompt {req.prompt_tokens} >= threshold {t} but no healthy prefill worker"
+            )
+            return
+        why = f"prompt {req.prompt_tokens} >= threshold {t}; {best.describe()}"
+        yield Candidate(best, RouteReason.AT_OR_ABOVE_THRESHOLD, why)
+        yield from _fallbacks(ctx, req, d, best, prefills, RouteReason.AT_OR_ABOVE_THRESHOLD)
 
 
 @register_policy(RoutingKind.TIERS)
@@ -104,19 +126,22 @@ class TiersPolicy:
 
     def candidates(
         self, req: RouteRequest, snap: ClusterSnapshot, decodes: Sequence[WorkerSnapshot], ctx: RouteContext
-    ) -> list[Candidate]:
+    ) -> Iterator[Candidate]:
         d = decodes[0]
         tier = [t for t in self.cfg.tiers if t.min_prompt_tokens <= req.prompt_tokens][-1]
         label = f"prompt {req.prompt_tokens} in tier >= {tier.min_prompt_tokens}"
-        local = ctx.estimator.estimate(req, d, None)
-        everyone = ctx.best_remote(req, d, snap.prefill_workers())
+        everyone = snap.prefill_workers()
         if tier.pool is None:
-            return _fallbacks(local, everyone, RouteReason.TIER_LOCAL, f"{label} → local; {local.describe()}")
-        mine = ctx.best_remote(req, d, snap.prefill_workers(tier.pool))
-        if not mine:
-            return _no_prefill(req, ctx, d, f"{label} → pool {tier.pool}, which has no healthy worker")
-        why = f"{label} → pool {tier.pool}; {mine[0].describe()}"
-        return _fallbacks(mine[0], [*mine, *everyone, local], RouteReason.TIER_REMOTE, why)
+            local = ctx.estimator.estimate(req, d, None)
+            yield Candidate(local, RouteReason.TIER_LOCAL, f"{label} → local; {local.describe()}")
+            yield from _fallbacks(ctx, req, d, local, everyone, RouteReason.TIER_LOCAL, local=False)
+            return
+        best = ctx.estimator.fastest_remote(req, d, snap.prefill_workers(tier.pool))
+        if best is None:
+            yield from _no_prefill(req, ctx, d, f"{label} → pool {tier.pool}, which has no healthy worker")
+            return
+        yield Candidate(best, RouteReason.TIER_REMOTE, f"{label} → pool {tier.pool}; {best.describe()}")
+        yield from _fallbacks(ctx, req, d, best, everyone, RouteReason.TIER_REMOTE)
 
 
 @register_policy(RoutingKind.POWER)
@@ -128,7 +153,7 @@ class PowerPolicy:
 
     def candidates(
         self, req: RouteRequest, snap: ClusterSnapshot, decodes: Sequence[WorkerSnapshot], ctx: RouteContext
-    ) -> list[Candidate]:
+    ) -> Iterator[Candidate]:
         sla = ctx.sla(req)
         per_pool_d: dict[str, WorkerSnapshot] = {}
         for d in decodes:  # least loaded first: keep the first of each decode pool
@@ -143,20 +168,16 @@ class PowerPolicy:
         def meets(x: Placement) -> bool:
             return x.ttft_ms <= sla.ttft_ms and (x.tpot_ms or 0.0) <= sla.tpot_ms
 
-        ok = sorted((x for x in options if meets(x)), key=lambda x: (x.energy_per_token_j or 0.0, x.ttft_ms, x.key()))
-        miss = sorted((x for x in options if not meets(x)), key=lambda x: (x.ttft_ms, x.key()))
+        ok = [x for x in options if meets(x)]
+        miss = [x for x in options if not meets(x)]
+        ok.sort(key=lambda x: (x.energy_per_token_j or 0.0, x.ttft_ms, x.key()))
+        miss.sort(key=lambda x: (x.ttft_ms, x.key()))
         target = f"SLA {sla.name}: ttft <= {_fmt(sla.ttft_ms)}ms, tpot <= {_fmt(sla.tpot_ms)}ms"
-        out: list[Candidate] = []
-        for i, x in enumerate(ok):
-            if i == 0:
-                why = f"{x.describe()}: fewest J/token of {len(ok)}/{len(options)} meeting {target}"
-            else:
-                why = f"fallback {x.describe()}"
-            out.append(Candidate(x, RouteReason.LEAST_ENERGY, why))
+        if ok:
+            why = f"{ok[0].describe()}: fewest J/token of {len(ok)}/{len(options)} meeting {target}"
+            yield Candidate(ok[0], RouteReason.LEAST_ENERGY, why)
+            for x in ok[1:]:
+                yield Candidate(x, RouteReason.LEAST_ENERGY, "")
         for i, x in enumerate(miss):
-            if i == 0 and not ok:
-                why = f"none of {len(options)} placements meets {target}; fastest {x.describe()}"
-            else:
-                why = f"fallback {x.describe()} (misses SLA)"
-            out.append(Candidate(x, RouteReason.SLA_MISS_FASTEST, why))
-        return out
+            why = f"none of {len(options)} placements meets {target}; fastest {x.describe()}" if i == 0 and not ok else ""
+            yield Candidate(x, RouteReason.SLA_MISS_FASTEST, why)

@@ -50,6 +50,7 @@ class PowerAccountant:
         self.cost_model = cost_model
         self.budget = budget
         self._phase_w: dict[tuple[str, Phase], float] = {}
+        self._hw_w: dict[str, tuple[float, float, float]] = {}  # hw → (idle, prefill, decode) W
 
     def phase_w(self, hw: str, phase: Phase) -> float:
         """Modelled draw of hardware `hw` doing `phase` flat out (IDLE: at rest)."""
@@ -72,7 +73,15 @@ class PowerAccountant:
         """What the worker draws now: its meter's reading, else the model of its current phase."""
         if w.power_w is not None:
             return w.power_w
-        return self.phase_w(w.hardware, self.worker_phase(w))
+        t = self._hw_w.get(w.hardware)
+        if t is None:
+            t = self._hw_w[w.hardware] = (
+                self.phase_w(w.hardware, Phase.IDLE),
+                self.phase_w(w.hardware, Phase.PREFILL),
+                self.phase_w(w.hardware, Phase.DECODE),
+            )
+        # the same order as worker_phase: prefill work wins over a running batch
+        return t[1] if w.queued_prefill_tokens > 0 else t[2] if w.running_batch > 0 else t[0]
 
     def cluster_w(self, snap: ClusterSnapshot) -> float:
         return sum(self.worker_w(w) for w in snap.workers)
@@ -89,24 +98,37 @@ class PowerAccountant:
         cap = self.budget.pools.get(pool)
         return float("inf") if cap is None else cap - self.pool_w(snap, pool)
 
-    def project(
-        self, snap: ClusterSnapshot, prefill: WorkerSnapshot | None, decode: WorkerSnapshot
-    ) -> PowerProjection:
-        """Power after placing a request: prefill on `prefill` (None: locally on `decode`)."""
-        raised: dict[str, float] = {}
-        p = prefill or decode
-        raised[p.worker_id] = max(self.worker_w(p), self.phase_w(p.hardware, Phase.PREFILL))
-        if prefill is not None:
-            raised[decode.worker_id] = max(self.worker_w(decode), self.phase_w(decode.hardware, Phase.DECODE))
-        before = 0.0
-        after = 0.0
-        pool_after: dict[str, float] = {}
+    def totals(self, snap: ClusterSnapshot) -> tuple[float, dict[str, float]]:
+        """(cluster W, W per pool) of a snapshot as it is now."""
+        total = 0.0
+        pools: dict[str, float] = {}
         for w in snap.workers:
             now = self.worker_w(w)
-            new = raised.get(w.worker_id, now)
-            before += now
-            after += new
-            pool_after[w.pool] = pool_after.get(w.pool, 0.0) + new
+            total += now
+            pools[w.pool] = pools.get(w.pool, 0.0) + now
+        return total, pools
+
+    def project(
+        self,
+        snap: ClusterSnapshot,
+        prefill: WorkerSnapshot | None,
+        decode: WorkerSnapshot,
+        totals: tuple[float, dict[str, float]] | None = None,
+    ) -> PowerProjection:
+        """Power after placing a request: prefill on `prefill` (None: locally on `decode`).
+
+        `totals` is `self.totals(snap)` when the caller projects several placements on one snapshot."""
+        before, pools_before = totals if totals is not None else self.totals(snap)
+        pool_after = dict(pools_before)
+        p = prefill or decode
+        raised = [(p, max(self.worker_w(p), self.phase_w(p.hardware, Phase.PREFILL)))]
+        if prefill is not None:
+            raised.append((decode, max(self.worker_w(decode), self.phase_w(decode.hardware, Phase.DECODE))))
+        after = before
+        for w, new in raised:
+            delta = new - self.worker_w(w)
+            after += delta
+            pool_after[w.pool] += delta
         why = ""
         # A placement that adds no watts (its workers already run those phases) always fits:
         # refusing it would not lower the draw.
@@ -114,8 +136,7 @@ class PowerAccountant:
             if after > self.budget.cluster_w:
                 why = f"cluster {after:.0f} W > budget {self.budget.cluster_w:.0f} W"
             else:
-                touched = sorted({snap.worker(wid).pool for wid in raised})
-                for pool in touched:
+                for pool in sorted({w.pool for w, _ in raised}):
                     cap = self.budget.pools.get(pool)
                     if cap is not None and pool_after[pool] > cap:
                         why = f"pool {pool} {pool_after[pool]:.0f} W > budget {cap:.0f} W"

@@ -8,7 +8,8 @@ randomness or wall time enters.
 One route, in four steps:
 1. decode candidates: healthy decode-capable workers with free KV blocks for prompt + max_tokens,
    least loaded first: sort key (running_batch + waiting, −free_kv_blocks, worker_id). None healthy →
-   NO_DECODE_WORKER (reject); none with room → NO_KV_CAPACITY (queue: blocks come back).
+   NO_DECODE_WORKER (reject); none with room → NO_KV_CAPACITY (queue: blocks come back; reject when
+   no worker's whole cache could ever hold the request).
 2. the policy named by `routing.kind` (registry below) ranks placements, each with a reason and its
    arithmetic (`policies.py`).
 3. the power budget (`power.py`) takes the first ranked placement that fits; if that was not the
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -57,7 +58,7 @@ class RouteReason(enum.StrEnum):
     SLA_MISS_FASTEST = "sla_miss_fastest"  # power: nothing meets the SLA; the fastest placement
     POWER_CAPPED = "power_capped"  # the policy's first choice was over budget; a later one fit
     OVER_POWER_BUDGET = "over_power_budget"  # no placement fits the budget (queue or reject)
-    NO_KV_CAPACITY = "no_kv_capacity"  # no decode worker has free blocks for the request (queue)
+    NO_KV_CAPACITY = "no_kv_capacity"  # no decode worker has free blocks now (queue) or ever (reject)
     NO_DECODE_WORKER = "no_decode_worker"  # no healthy decode-capable worker (reject)
 
 
@@ -117,21 +118,17 @@ class RouteContext:
                 f"classes: {', '.join(c.name for c in self.config.sla.classes)}"
             ) from None
 
-    def best_remote(
-        self, req: RouteRequest, decode: WorkerSnapshot, prefills: Sequence[WorkerSnapshot]
-    ) -> list[Placement]:
-        """Remote placements on each prefill worker, fastest predicted TTFT first (ties: worker id)."""
-        est = [self.estimator.estimate(req, decode, p) for p in prefills]
-        return sorted(est, key=lambda e: (e.ttft_ms, e.prefill_worker_id or ""))
-
 
 class RoutingPolicy(Protocol):
     kind: RoutingKind
 
     def candidates(
         self, req: RouteRequest, snap: ClusterSnapshot, decodes: Sequence[WorkerSnapshot], ctx: RouteContext
-    ) -> list[Candidate]:
-        """Placements in order of preference (non-empty; `decodes` is non-empty, least loaded first)."""
+    ) -> Iterable[Candidate]:
+        """Placements in order of preference, at least one (`decodes` is non-empty, least loaded first).
+
+        May be a generator: the router stops at the first placement within the power budget, so
+        fallbacks are only computed when needed. Only the first needs its `arithmetic`."""
         ...
 
 
@@ -181,7 +178,13 @@ class Router:
         return self.policy.kind
 
     def decode_candidates(self, req: RouteRequest, snap: ClusterSnapshot) -> list[WorkerSnapshot]:
-        return sorted((w for w in snap.decode_workers() if w.fits(req)), key=least_loaded_key)
+        """Healthy decode-capable workers with KV room for the request, least loaded first."""
+        return self._fitting(req, snap.decode_workers())
+
+    @staticmethod
+    def _fitting(req: RouteRequest, healthy: Sequence[WorkerSnapshot]) -> list[WorkerSnapshot]:
+        n = req.kv_tokens  # free_kv_blocks ≥ ⌈n / block_size⌉  ⇔  free_kv_blocks · block_size ≥ n
+        return sorted((w for w in healthy if w.free_kv_blocks * w.block_size >= n), key=least_loaded_key)
 
     def route(self, req: RouteRequest, snap: ClusterSnapshot) -> RouteDecision:
         """Decide where `req` goes. Pure: reads the snapshot, changes nothing."""
@@ -193,30 +196,38 @@ class Router:
                 "no healthy decode-capable worker", no_fit=NoFitAction.REJECT,
                 retry_after_s=self.config.admission.min_retry_after_s,
             )
-        decodes = self.decode_candidates(req, snap)
+        decodes = self._fitting(req, healthy)
         if not decodes:
             most = max(healthy, key=lambda w: (w.free_kv_blocks, w.worker_id))
             need = math.ceil(req.kv_tokens / most.block_size)
+            ever = any(w.total_kv_blocks * w.block_size >= req.kv_tokens for w in healthy)
             return RouteDecision(
                 req.request_id, kind, RouteReason.NO_KV_CAPACITY,
-                f"needs {need} KV blocks ({req.kv_tokens} tokens); most free: {most.free_kv_blocks} on {most.worker_id}",
-                no_fit=NoFitAction.QUEUE, retry_after_s=self.config.admission.min_retry_after_s,
+                f"needs {need} KV blocks ({req.kv_tokens} tokens); most free: {most.free_kv_blocks} on "
+                f"{most.worker_id}" + ("" if ever else "; no decode worker has that many blocks at all"),
+                no_fit=NoFitAction.QUEUE if ever else NoFitAction.REJECT,
+                retry_after_s=self.config.admission.min_retry_after_s,
             )
-        cands = self.policy.candidates(req, snap, decodes, self.ctx)
+        first: Candidate | None = None
         first_why = ""
-        for i, c in enumerate(cands):
+        tried = 0
+        totals = self.power.totals(snap)
+        for c in self.policy.candidates(req, snap, decodes, self.ctx):
+            tried += 1
+            if first is None:
+                first = c
             pl = c.placement
             prefill = None if pl.prefill_worker_id is None else snap.worker(pl.prefill_worker_id)
-            proj = self.power.project(snap, prefill, snap.worker(pl.decode_worker_id))
+            proj = self.power.project(snap, prefill, snap.worker(pl.decode_worker_id), totals)
             if not proj.fits:
-                if i == 0:
+                if c is first:
                     first_why = proj.why
                 continue
             reason, arith = c.reason, c.arithmetic
-            if i > 0:
+            if c is not first:
                 reason = RouteReason.POWER_CAPPED
                 arith = (
-                    f"{cands[0].arithmetic}; over budget ({first_why}); took {pl.describe()} "
+                    f"{first.arithmetic}; over budget ({first_why}); took {pl.describe()} "
                     f"at {proj.after_w:.0f} W"
                 )
             elif self.config.power is not None:
@@ -228,7 +239,7 @@ class Router:
         assert self.config.power is not None, "only a budget can refuse every placement"
         return RouteDecision(
             req.request_id, kind, RouteReason.OVER_POWER_BUDGET,
-            f"{len(cands)} placement(s), none fits: {first_why}; headroom "
+            f"{tried} placement(s), none fits: {first_why}; headroom "
             f"{self.power.headroom_w(snap):.0f} W",
             no_fit=self.config.power.on_no_fit, retry_after_s=self.retry_after_s(snap),
         )
@@ -239,10 +250,10 @@ class Router:
         decodes = self.decode_candidates(req, snap)
         if not decodes:
             return None
-        d = decodes[0]
-        best = self.estimator.estimate(req, d, None).ttft_ms
+        est = self.estimator
+        best = est.ttft_ms(req, decodes[0], False)
         for p in snap.prefill_workers():
-            best = min(best, self.estimator.estimate(req, d, p).ttft_ms)
+            best = min(best, est.ttft_ms(req, p, True))
         return best
 
     def retry_after_s(self, snap: ClusterSnapshot) -> float:

@@ -83,7 +83,7 @@ class WorkerSnapshot:
 
     def fits(self, req: RouteRequest) -> bool:
         """Enough free KV blocks to hold the request to its last token."""
-        return self.free_kv_blocks >= blocks_for(req.kv_tokens, self.block_size)
+        return self.free_kv_blocks * self.block_size >= req.kv_tokens  # ⇔ free ≥ ⌈tokens / block_size⌉
 
 
 @dataclass(frozen=True)
@@ -96,21 +96,27 @@ class ClusterSnapshot:
     _by_id: dict[str, WorkerSnapshot] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        ordered = tuple(sorted(self.workers, key=lambda w: w.worker_id))
-        ids = [w.worker_id for w in ordered]
-        if len(set(ids)) != len(ids):
+        ws = self.workers
+        if any(ws[i].worker_id >= ws[i + 1].worker_id for i in range(len(ws) - 1)):
+            ws = tuple(sorted(ws, key=lambda w: w.worker_id))
+            object.__setattr__(self, "workers", ws)
+        by_id = {w.worker_id: w for w in ws}
+        if len(by_id) != len(ws):
+            ids = [w.worker_id for w in ws]
             dup = sorted({i for i in ids if ids.count(i) > 1})
             raise InvalidRequest(f"duplicate worker ids in snapshot: {', '.join(dup)}")
-        object.__setattr__(self, "workers", ordered)
-        object.__setattr__(self, "_by_id", {w.worker_id: w for w in ordered})
+        object.__setattr__(self, "_by_id", by_id)
 
     def worker(self, worker_id: str) -> WorkerSnapshot:
         return self._by_id[worker_id]
 
     def decode_workers(self) -> list[WorkerSnapshot]:
         """Healthy decode-capable workers (roles decode and both), by worker_id."""
-        return [w for w in self.workers if w.can_decode]
+        return [w for w in self.workers if w.healthy and w.role in _DECODE_ROLES]
 
     def prefill_workers(self, pool: str | None = None) -> list[WorkerSnapshot]:
         """Healthy workers of prefill pools (role prefill), optionally of one pool, by worker_id."""
         return [w for w in self.workers if w.healthy and w.role is Role.PREFILL and (pool is None or w.pool == pool)]
+
+
+_DECODE_ROLES = (Role.DECODE, Role.BOTH)

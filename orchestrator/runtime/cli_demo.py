@@ -133,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
     import ray
 
     say("starting Ray on 127.0.0.1 and the workers of both deployments ...")
+    own_ray = not ray.is_initialized()  # a caller's Ray (tests) is left running
     init_local_ray(num_cpus=8)
     services: dict[str, Service] = {}
     errors: list[str] = []
@@ -191,7 +192,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         for svc in services.values():
             svc.stop(10)
-        ray.shutdown()
+        if own_ray:
+            ray.shutdown()
         report["total_s"] = round(time.perf_counter() - t_start, 2)
         if args.json:
             print(json.dumps(report, indent=2, default=str))

@@ -30,7 +30,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.config.models import TandemConfig
-from orchestrator.core.admission import Admission, AdmissionAction, AdmissionDecision, QueueView
+from orchestrator.core.admission import (
+    Admission,
+    AdmissionAction,
+    AdmissionDecision,
+    AdmissionReason,
+    QueueView,
+)
 from orchestrator.core.metrics import DecisionCounters
 from orchestrator.core.router import RouteDecision, Router
 from orchestrator.core.snapshot import ClusterSnapshot, RouteRequest, WorkerSnapshot, blocks_for
@@ -50,6 +56,7 @@ log = logging.getLogger(__name__)
 
 TELEMETRY_PERIOD_S = 0.25
 DRAIN_WAIT_S = 0.5
+QUEUE_TIMEOUT_S = 60.0  # a queued request not placed by then gets 429 (e.g. its capacity never came back)
 
 
 def make_router(config: TandemConfig) -> Router:
@@ -147,11 +154,18 @@ class RayDispatcher:
         self._queue.append(waiter)
         self._gauge_queue()
         try:
-            route = await waiter.future
-        except asyncio.CancelledError:
+            route = await asyncio.wait_for(asyncio.shield(waiter.future), QUEUE_TIMEOUT_S)
+        except (asyncio.CancelledError, TimeoutError) as e:
             if waiter in self._queue:
                 self._queue.remove(waiter)
                 self._gauge_queue()
+            if waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
+                self._release_ledger(request.request_id)  # placed just as we gave up: hand it back
+                self._pump()
+            waiter.future.cancel()
+            if isinstance(e, TimeoutError):
+                self.metrics.requests_rejected.labels(self.model_name, "queue_timeout").inc()
+                raise Overloaded(f"queued {QUEUE_TIMEOUT_S:.0f} s without capacity", 1.0, "queue_timeout") from None
             raise
         return await self._dispatch(request, route, t0)
 
@@ -162,8 +176,8 @@ class RayDispatcher:
             self.metrics.requests_rejected.labels(self.model_name, d.reason.value).inc()
             raise Overloaded(f"{d.reason.value}: {d.detail}", d.retry_after_s or 1.0, d.reason.value)
         if status == 400:
-            raise InvalidRequestError(d.detail, param="sla_class" if "SLA" in d.detail else "max_tokens",
-                                      code=d.reason.value)
+            param = "sla_class" if d.reason is AdmissionReason.UNKNOWN_SLA_CLASS else "max_tokens"
+            raise InvalidRequestError(d.detail, param=param, code=d.reason.value)
         raise BackendUnavailable(d.detail)
 
     def _not_placed(self, req: RouteRequest, route: RouteDecision) -> AdmissionDecision:
@@ -280,7 +294,7 @@ class RayDispatcher:
         self._release_ledger(gen.request_id, prefill_only=True)
         labels = (prefill.pool.name, decode.pool.name, self.config.kv_transport.kind.value)
         self.metrics.kv_transfer_bytes.labels(*labels).inc(ack["bytes"])
-        self.metrics.kv_transfer_s.labels(*labels).observe(ack["total_ms"] / 1e3)
+        self.metrics.kv_transfer_s.labels(*labels).observe(ack["receive_ms"] / 1e3)
         return ack
 
     def _finished(self, rid: str) -> None:
@@ -420,9 +434,12 @@ class RayStream:
                 if finish is not None:
                     self._record_finish(finish, n_out, first_s, now)
                     return
-        except BaseException:
+        except (RequestFailed, asyncio.CancelledError, GeneratorExit):
             await self.cancel()
             raise
+        except Exception as e:  # a worker died or Ray failed: a typed failure for the frontend
+            await self.cancel()
+            raise RequestFailed(f"{self.request_id} failed on {self.decode.worker_id}: {_err(e)}") from None
         finally:
             if not self._done:
                 await self.cancel()

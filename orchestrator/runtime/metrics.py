@@ -59,7 +59,8 @@ class TandemMetrics:
         self.kv_transfer_bytes = Counter("tandem:kv_transfer_bytes", "KV bytes received over the KV transport.",
                                          ("src_pool", "dst_pool", "transport"), registry=r)
         self.kv_transfer_s = Histogram("tandem:kv_transfer_latency_seconds",
-                                       "KV transfer time per request (stream open to finish ack).",
+                                       "KV transfer time per request, measured by the receiver: first frame to last layer "
+                                       "written (overlaps the prefill, which streams layer by layer).",
                                        ("src_pool", "dst_pool", "transport"), buckets=LATENCY_BUCKETS_S, registry=r)
         self.worker_up = Gauge("tandem:worker_up", "1 when the worker answered its last health check.",
                                WORKER_LABELS, registry=r)

@@ -6,9 +6,12 @@ bf16) × local-prefill threshold (threshold routing: prompts ≥ t prefill remot
 1. Screen analytically (fast, every candidate), from a sample of the workload and the core's
    cost model:
    - prefill pool: M/G/1 per worker at λ·f_remote/n_p with service S = prefill_time(hw_p, s);
-     Pollaczek–Khinchine mean wait Wq = λ_w E[S²] / (2(1 − ρ)), and the wait's tail taken as
-     exponential behind P(wait > 0) = ρ, so its q-quantile is (Wq/ρ)·ln(ρ/(1 − q)) (0 if ρ ≤ 1 − q);
-     TTFT_q ≈ wait_q + S_q + exposed transfer + one decode step;
+     Pollaczek–Khinchine mean wait Wq = λ_w E[S²] / (2(1 − ρ)); TTFT_q ≈ Wq + S_q + exposed
+     transfer + one decode step (S_q: the q-quantile of the service time). A heuristic: adding
+     the wait's own q-quantile instead of its mean predicted 1,469 ms where simulation gave 617 ms
+     (docs/planning-example.md's fleet); with the mean it predicts 624 ms;
+   - local prefill on decode workers: the same M/G/1 on the decode worker's time left by decoding,
+     plus two decode steps (the one in flight and the first);
    - decode pool: Little's law fixed point B = (λ/n_d)·m̄·tpot(B), tpot(B) = step(B, s̄ + m̄/2) /
      (1 − u_local), u_local the share of a decode worker's time spent on local prefills;
      B must fit the batch limit and the KV cache (B·(s̄ + m̄) tokens);
@@ -185,7 +188,6 @@ class Planner:
         svc = self._service(hw, mode)[lo:]
         if not svc:
             return 0, 0.0, 0.0
-        q = self.q.sla.percentile / 100.0
         frac = len(svc) / self.sample.n
         es = sum(svc) / len(svc)
         es2 = sum(s * s for s in svc) / len(svc)
@@ -200,8 +202,7 @@ class Planner:
             if rho >= MAX_UTIL:
                 continue
             wq = lam_w * es2 / (2.0 * (1.0 - rho))
-            w_q = (wq / rho) * math.log(rho / (1.0 - q)) if rho > 1.0 - q else 0.0
-            ttft_ms = (w_q + s_q + tail) * 1e3
+            ttft_ms = (wq + s_q + tail) * 1e3
             if ttft_ms <= self.q.sla.ttft_ms:
                 return n, ttft_ms, rho
         return None
@@ -214,7 +215,9 @@ class Planner:
         ctx = int(smp.mean_prompt + smp.mean_output / 2)
         local = self._service(hw, mode)[:hi]
         local_work = self.q.rate_rps * (sum(local) / smp.n if local else 0.0)  # seconds of prefill per second
-        local_q_ms = percentile(sorted(local), self.q.sla.percentile) * 1e3 if local else 0.0
+        local_q_s = percentile(sorted(local), self.q.sla.percentile) if local else 0.0
+        local_es = sum(local) / len(local) if local else 0.0
+        local_es2 = sum(x * x for x in local) / len(local) if local else 0.0
         for n in range(1, n_max + 1):
             u_local = local_work / n
             if u_local >= MAX_UTIL:
@@ -236,9 +239,15 @@ class Planner:
                     break
             if not ok or b > DECODE_MAX_BATCH * MAX_UTIL or b * per_seq > cap_tokens * MAX_UTIL:
                 continue
-            if tpot * 1e3 > self.q.sla.tpot_ms * 0.9 or local_q_ms + step * 1e3 > self.q.sla.ttft_ms:
+            # local prefills queue on the decode worker (M/G/1 as for a prefill pool) behind the
+            # decode step in flight: TTFT_q ≈ Wq + S_q + two steps
+            wq = 0.0
+            if local and u_local > 0:
+                wq = (local_work / local_es / n) * local_es2 / (2.0 * (1.0 - u_local))
+            local_ttft_ms = (wq + local_q_s + 2 * step) * 1e3
+            if tpot * 1e3 > self.q.sla.tpot_ms * 0.9 or (local and local_ttft_ms > self.q.sla.ttft_ms):
                 continue
-            return n, tpot * 1e3, b, local_q_ms + step * 1e3
+            return n, tpot * 1e3, b, local_ttft_ms if local else 0.0
         return None
 
     def screen(self) -> list[Candidate]:

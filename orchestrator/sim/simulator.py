@@ -35,7 +35,6 @@ from orchestrator.sim.fleet import FleetPower, SimWorker, WorkerPhase
 from orchestrator.sim.report import Recorder, SimReport
 from orchestrator.sim.workload import SimRequest
 
-
 RUN_STEPS = 64  # most decode steps computed ahead in one event (a run ends early at a finish or an arrival)
 
 

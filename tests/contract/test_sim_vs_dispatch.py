@@ -1,13 +1,15 @@
 """Contract: the simulator and a runtime-style dispatch loop take the same routing decisions.
 
-The runtime's live dispatcher (orchestrator/runtime) is not in the tree yet, so the runtime side
-here is an in-process dispatch loop built only from the core's public objects and ports, the way
-the runtime uses them: a freshly constructed `Router` (same config, a separately built cost model),
-the `RecordingDispatcher` port, and each snapshot rebuilt through `ClusterSnapshot(...)` /
-`WorkerSnapshot(...)` constructors from recorded plain values. The simulator records every
-(snapshot, request) it hands its router; the loop replays that sequence and must produce the same
-(request, decode worker, prefill worker, reason) for every request, in the same order — and the
-simulator must have executed exactly those placements.
+The runtime's live dispatcher (`orchestrator/runtime/dispatcher.py`, `RayDispatcher`) needs Ray
+actor handles and wall time, and exposes no driver that fake workers can run in-process on a
+simulated clock. So the runtime side here is an in-process dispatch loop built only from the core's
+public objects and ports, the way `RayDispatcher` uses them: a freshly constructed `Router` (same
+config, a separately built cost model), the `RecordingDispatcher` port, and each snapshot rebuilt
+through the `ClusterSnapshot(...)` / `WorkerSnapshot(...)` constructors from plain recorded values.
+The simulator records every (snapshot, request) it hands its router (the bridge follows
+`RayDispatcher`'s sequence: admission → route → FIFO queue pumped on finish); the loop replays that
+sequence and must produce the same (request, decode worker, prefill worker, reason) for every
+request, in the same order — and the simulator must have executed exactly those placements.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ SCENARIOS = {
     "context-ttft": dict(pools=POOLS, routing={"kind": "context-ttft"}),
     "threshold": dict(pools=POOLS, routing={"kind": "threshold", "threshold_tokens": 1500}),
     "power-capped": dict(pools=POOLS, routing={"kind": "power"},
-                         power={"cluster_w": 2200, "on_no_fit": "queue", "queue_cap": 5000}),
+                         power={"cluster_w": 1500, "on_no_fit": "queue", "queue_cap": 5000}),
 }
 
 

@@ -1,5 +1,8 @@
 """Compile every kernel of workers/kernels for real GPU targets on a machine without a GPU.
 
+Block sizes here are smaller than the production ones (same code paths, faster compiles); the GPU run of
+the `gpu` tests compiles the production sizes.
+
 Run as a script in a process WITHOUT TRITON_INTERPRET (the interpreter accepts programs that the GPU
 compiler rejects, e.g. an fp8 tl.dot with K < 32). Prints one line per (kernel, target) and exits non-zero
 on the first failure. Used by test_compile.py; usable by hand: `python tests/kernels/compile_targets.py 90 89`.
@@ -15,21 +18,20 @@ def specs():
     from workers.kernels import attention, gemm, kv_cache, quant
 
     f8, bf, f32, i32 = "*fp8e4nv", "*bf16", "*fp32", "*i32"
-    c = "constexpr"
     yield "rms_norm_quant", quant._rms_norm_kernel, {
         "x_ptr": bf, "res_ptr": bf, "res_out_ptr": bf, "w_ptr": bf, "out_ptr": f8, "scale_ptr": f32,
         "D": "i32", "stride_x": "i32", "stride_r": "i32", "stride_ro": "i32", "stride_o": "i32", "eps": "fp32",
-    }, {"HAS_RES": True, "QUANT": True, "FP8_MAX": 448.0, "AMAX_MIN": 1e-12, "BLOCK_D": 4096}
+    }, {"HAS_RES": True, "QUANT": True, "FP8_MAX": 448.0, "AMAX_MIN": 1e-12, "BLOCK_D": 1024}
     yield "rms_norm_bf16", quant._rms_norm_kernel, {
         "x_ptr": bf, "res_ptr": bf, "res_out_ptr": bf, "w_ptr": bf, "out_ptr": bf, "scale_ptr": bf,
         "D": "i32", "stride_x": "i32", "stride_r": "i32", "stride_ro": "i32", "stride_o": "i32", "eps": "fp32",
-    }, {"HAS_RES": False, "QUANT": False, "FP8_MAX": 1.0, "AMAX_MIN": 1e-12, "BLOCK_D": 4096}
+    }, {"HAS_RES": False, "QUANT": False, "FP8_MAX": 1.0, "AMAX_MIN": 1e-12, "BLOCK_D": 1024}
     yield "silu_mul_quant", quant._silu_mul_kernel, {
-        "gu_ptr": bf, "out_ptr": f8, "scale_ptr": f32, "I": "i32", "stride_gu": "i32", "stride_o": "i32",
-    }, {"QUANT": True, "FP8_MAX": 448.0, "AMAX_MIN": 1e-12, "BLOCK_I": 16384}
+        "gu_ptr": bf, "out_ptr": f8, "scale_ptr": f32, "N_INTER": "i32", "stride_gu": "i32", "stride_o": "i32",
+    }, {"QUANT": True, "FP8_MAX": 448.0, "AMAX_MIN": 1e-12, "BLOCK_I": 2048}
     yield "quantize_per_token", quant._quant_kernel, {
         "x_ptr": bf, "out_ptr": f8, "scale_ptr": f32, "D": "i32", "stride_x": "i32", "stride_o": "i32",
-    }, {"FP8_MAX": 448.0, "AMAX_MIN": 1e-12, "BLOCK_D": 4096}
+    }, {"FP8_MAX": 448.0, "AMAX_MIN": 1e-12, "BLOCK_D": 1024}
     kv_args = {
         "k_ptr": bf, "v_ptr": bf, "slot_ptr": "*i64", "kc_ptr": f8, "vc_ptr": f8, "ks_ptr": f32, "vs_ptr": f32,
         **{n: "i32" for n in ("H", "D", "block_size", "stride_kt", "stride_kh", "stride_vt", "stride_vh",
@@ -37,6 +39,12 @@ def specs():
     }
     yield "kv_write_fp8", kv_cache._kv_write_kernel, kv_args, {
         "QUANT": True, "FP8_MAX": 448.0, "AMAX_MIN": 1e-12, "BLOCK_H": 8, "BLOCK_D": 128}
+    yield "rope_kv_write_fp8", kv_cache._rope_kv_write_kernel, {
+        "qkv_ptr": bf, "pos_ptr": "*i64", "inv_ptr": f32, "slot_ptr": "*i64", "q_out_ptr": bf, "k_out_ptr": bf,
+        "kc_ptr": f8, "vc_ptr": f8, "ks_ptr": f32, "vs_ptr": f32,
+        **{n: "i32" for n in ("HQ", "HKV", "block_size", "stride_t", "stride_qt", "stride_qh", "stride_kt",
+                              "stride_kh", "stride_cb", "stride_ct", "stride_ch", "stride_sb", "stride_st", "stride_sh")},
+    }, {"D": 128, "BLOCK_HQ": 32, "BLOCK_HKV": 8, "QUANT": True, "FP8_MAX": 448.0, "AMAX_MIN": 1e-12, "STORE_K": True}
     ints = ("stride_qb", "stride_qh", "stride_cb", "stride_ct", "stride_ch", "stride_sb", "stride_st", "stride_sh",
             "stride_btb", "stride_ob", "stride_oh", "stride_os", "stride_lb", "stride_lh", "stride_fb", "stride_fh")
     for kv_fp8, direct in ((True, False), (False, True)):
@@ -46,7 +54,7 @@ def specs():
             "out_ptr": f32, "lse_ptr": f32, "final_ptr": bf, "qk_scale": "fp32", "num_splits": "i32",
             **{n: "i32" for n in ints},
         }, {"GROUP": 4, "BLOCK_G": 16, "D": 128, "BLOCK_D": 128, "BLOCK_T": 64, "PAGE": 16,
-            "KV_FP8": kv_fp8, "DIRECT": direct}
+            "KV_FP8": kv_fp8, "DIRECT": direct, "OFF32": kv_fp8}
     yield "attn_merge", attention._attn_merge_kernel, {
         "out_ptr": f32, "lse_ptr": f32, "final_ptr": bf, "num_splits": "i32",
         **{n: "i32" for n in ("stride_ob", "stride_oh", "stride_os", "stride_lb", "stride_lh", "stride_fb", "stride_fh")},
@@ -54,11 +62,11 @@ def specs():
     yield "fp8_gemm", gemm._gemm_kernel, {
         "a_ptr": f8, "as_ptr": f32, "w_ptr": f8, "ws_ptr": f32, "c_ptr": bf,
         **{n: "i32" for n in ("M", "N", "K", "stride_am", "stride_wn", "stride_cm")},
-    }, {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8, "EVEN_K": True}
+    }, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "EVEN_K": True}
     yield "thin_gemm", gemm._thin_kernel, {
         "x_ptr": f8, "xs_ptr": f32, "w_ptr": f8, "ws_ptr": f32, "c_ptr": bf, "part_ptr": f32,
         **{n: "i32" for n in ("M", "N", "K", "stride_xm", "stride_wn", "stride_cm", "k_per_split")},
-    }, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "PARTIAL": True, "EVEN_K": False}
+    }, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "PARTIAL": True, "EVEN_K": False}
     yield "splitk_reduce", gemm._splitk_reduce_kernel, {
         "part_ptr": f32, "xs_ptr": f32, "ws_ptr": f32, "c_ptr": bf, "M": "i32", "N": "i32", "stride_cm": "i32",
     }, {"SPLIT_K": 4, "BLOCK": 1024}

@@ -74,9 +74,12 @@ def test_rope_kv_write_matches_reference(dev, dtype, gen):
     got = [_caches(dtype, nb, bs, Hkv, D, dev) for _ in range(2)]
     want = [_caches(dtype, nb, bs, Hkv, D, dev) for _ in range(2)]
     sc = (lambda c: (c[0][1], c[1][1])) if fp8 else (lambda c: (None, None))
-    q = rope_kv_write(qkv, pos, inv, Hq, slots, got[0][0], got[1][0], *sc(got))
+    k_out = torch.empty(T, Hkv, D, dtype=torch.bfloat16, device=dev)
+    q = rope_kv_write(qkv, pos, inv, Hq, slots, got[0][0], got[1][0], *sc(got), k_out=k_out)
     q_ref = R.rope_kv_write_ref(qkv, pos, inv, Hq, slots, want[0][0], want[1][0], *sc(want))
     assert q.shape == (T, Hq, D)
+    k_ref = R.rope_ref(qkv[:, Hq * D:(Hq + Hkv) * D].reshape(T, Hkv, D), pos, inv)
+    torch.testing.assert_close(k_out.float(), k_ref, rtol=8e-3, atol=1e-2)
     torch.testing.assert_close(q.float(), q_ref.float(), rtol=8e-3, atol=1e-2)
     for (gc, gs), (wc, ws) in zip(got, want, strict=True):
         # cos/sin may differ in the last bit between the kernel and torch: allow rare one-code moves

@@ -55,11 +55,11 @@ def test_rms_norm_bf16_out_and_3d_input(dev, gen):
 @pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("fp8_dtype", FP8)
 def test_silu_mul_quant(dev, fp8_dtype, gen):
-    for M, I in _shapes(dev, [(1, 128), (5, 300)], [(1, 14336), (37, 1000), (300, 14336)]):
-        gu = (torch.randn(M, 2 * I, generator=gen) * 4).to(torch.bfloat16).to(dev)
+    for M, inter in _shapes(dev, [(1, 128), (5, 300)], [(1, 14336), (37, 1000), (300, 14336)]):
+        gu = (torch.randn(M, 2 * inter, generator=gen) * 4).to(torch.bfloat16).to(dev)
         q, s = silu_mul_quant(gu, fp8_dtype)
         qr, sr = R.silu_mul_quant_ref(gu, fp8_dtype)
-        assert q.shape == (M, I)
+        assert q.shape == (M, inter)
         _assert_quant_close(q, s, qr, sr, fp8_dtype)
     y, none = silu_mul_quant(gu, None)
     assert none is None and rel_err(y, R.silu_mul_ref(gu)) < 4e-3

@@ -151,6 +151,8 @@ def test_every_rpc_needs_the_token(server, sink, layout, token):
     cl.close()
     assert sink.reserved and "r" not in sink.released  # nothing reached the receiver
     assert server.receiver.counts() == (0, 1)
+    assert server.cancel("r")  # the decode side gives up on it: every block is free again
+    sink.assert_no_leaks()
 
 
 def _self_signed(tmp_path):

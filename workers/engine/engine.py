@@ -30,7 +30,7 @@ from workers.engine.kv_cache import PagedKVCache, blocks_for
 from workers.engine.kv_import import KVImportMixin
 from workers.engine.loader import load_model
 from workers.engine.model import LlamaModel
-from workers.engine.ops import get_ops
+from workers.engine.ops import get_ops, write_kv_raw
 from workers.engine.sampling import sample_token
 from workers.engine.sequence import SeqState, Sequence
 from workers.kv_payload import KVLayout
@@ -106,6 +106,21 @@ class Engine(KVImportMixin):
     @property
     def num_free_blocks(self) -> int:
         return self.cache.allocator.num_free
+
+    @property
+    def num_running_requests(self) -> int:
+        """Requests in the decode batch."""
+        return len(self._running)
+
+    @property
+    def num_waiting_requests(self) -> int:
+        """Requests queued for prefill or, with imported KV, for a batch slot."""
+        return len(self._waiting) + len(self._ready)
+
+    @property
+    def num_kv_reservations(self) -> int:
+        """KV imports in progress (reserve_kv called, add_request_from_kv not yet)."""
+        return sum(1 for s in self._seqs.values() if s.state is SeqState.RESERVED)
 
     @property
     def eos_token_id(self) -> int | None:
@@ -238,8 +253,10 @@ class Engine(KVImportMixin):
         slots = self.cache.slots(seq.blocks, 0, len(seq.prompt)).to(self.device)
 
         def write(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-            kc, vc, ks, vs = self.cache.layer(layer)
-            self.ops.kv_write(kc, vc, ks, vs, slots, k, v, self.kv_dtype)
+            # the same quantizer as prefill_export, so colocated and exported KV are identical bytes
+            kq, k_s = self.ops.quantize_kv(k, self.kv_dtype)
+            vq, v_s = self.ops.quantize_kv(v, self.kv_dtype)
+            write_kv_raw(*self.cache.layer(layer), slots, kq, vq, k_s, v_s)
 
         logits = self.model.prefill(ids, write)
         seq.num_cached = len(seq.prompt)

@@ -21,6 +21,7 @@ _KV_DTYPES = {
     KVDtype.FP8_E5M2: torch.float8_e5m2,
 }
 _MIN_SCALE = 1e-12
+_GRID = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}  # (mantissa bits, min normal exponent)
 
 
 def fp8_dtype(fmt: FP8Format) -> torch.dtype:
@@ -62,16 +63,14 @@ def round_to_fp8(
         return y.to(dtype)
     if noise is None:
         raise ValueError("stochastic rounding needs a noise tensor")
+    # the two grid points around |y|: lo = |y| rounded down to the binade's spacing (a power of two), hi = lo + ulp
+    mant_bits, min_exp = _GRID[dtype]
     mag = y.abs()
-    near = mag.to(dtype)
-    near_f = near.float()
-    bits = near.view(torch.uint8).to(torch.int16)
-    max_code = int(torch.tensor(fmax).to(dtype).view(torch.uint8).item())
-    other_bits = torch.where(near_f < mag, bits + 1, bits - 1).clamp(0, max_code)
-    other_f = other_bits.to(torch.uint8).view(dtype).float()
-    gap = (other_f - near_f).abs()
-    p_other = torch.where(gap > 0, (mag - near_f).abs() / gap.clamp_min(1e-30), torch.zeros_like(gap))
-    chosen = torch.where(noise.reshape(mag.shape) < p_other, other_f, near_f)
+    _, exp = torch.frexp(mag)  # mag = m * 2**exp with m in [0.5, 1)
+    ulp = torch.exp2(((exp - 1).clamp_min(min_exp) - mant_bits).to(torch.float32))
+    lo = torch.floor(mag / ulp) * ulp
+    p_hi = (mag - lo) / ulp
+    chosen = torch.where(noise.reshape(mag.shape) < p_hi, (lo + ulp).clamp_max(fmax), lo)
     return (chosen * torch.sign(y)).to(dtype)
 
 

@@ -18,15 +18,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from orchestrator.core.types import SamplingParams
-from workers.engine import fp8 as fp8q
 from workers.engine.errors import EngineCapacityError, InvalidRequest, PromptTooLong
 from workers.engine.kv_cache import blocks_for
 from workers.engine.ops import write_kv_raw
 from workers.engine.sequence import SeqState, Sequence
 from workers.kv_payload import KVCapacityError, KVExport, KVImportError, KVLayerPayload, KVLayout
 
-if TYPE_CHECKING:
-    from workers.engine.engine import Engine as _EngineBase
+if TYPE_CHECKING:  # the mixin uses Engine's attributes; typed loosely to avoid an import cycle
+    from typing import Any as _EngineBase
 else:
     _EngineBase = object
 
@@ -51,8 +50,8 @@ class KVImportMixin(_EngineBase):
         layers: list[KVLayerPayload] = []
 
         def export_layer(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-            kq, ks = fp8q.quantize_kv(k, self.kv_dtype)
-            vq, vs = fp8q.quantize_kv(v, self.kv_dtype)
+            kq, ks = self.ops.quantize_kv(k, self.kv_dtype)
+            vq, vs = self.ops.quantize_kv(v, self.kv_dtype)
             payload = KVLayerPayload(layer, 0, kq.contiguous(), vq.contiguous(), ks, vs)
             layers.append(payload)
             if on_layer is not None:

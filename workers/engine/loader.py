@@ -141,7 +141,7 @@ def config_from_hf(raw: dict[str, Any], path: Path, name: str) -> ModelConfig:
         heads = int(raw["num_attention_heads"])
         rope_params = dict(raw.get("rope_parameters") or {})
         rope_scaling = dict(raw.get("rope_scaling") or {}) or rope_params
-        theta = raw.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+        theta = raw.get("rope_theta") or rope_params.get("rope_theta") or 10000.0
         scaling = {k: v for k, v in rope_scaling.items() if k != "rope_theta"}
         if scaling.get("rope_type", scaling.get("type")) in (None, "default"):
             scaling = {}

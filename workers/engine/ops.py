@@ -25,7 +25,9 @@ Signatures (shapes in comments; T tokens, H query heads, Hk KV heads, D head dim
                            v_scale, block_tables [B, max_blocks] int64, context_lens [B] int64,
                            sm_scale) -> [B, H, D]
     kv_write(k_cache, v_cache, k_scale | None, v_scale | None, slots [T] int64, k [T, Hk, D], v,
-             kv_dtype: KVDtype) -> None                                 (quantizes per token per KV head)
+             kv_dtype: KVDtype) -> None                                 (decode: quantize per token per KV head)
+    quantize_kv(x [T, Hk, D], kv_dtype) -> (q [T, Hk, D], scale [T, Hk] float32 | None)
+        (prefill: the colocated cache write and the KV export both use it, so they store identical bytes)
 """
 
 from __future__ import annotations
@@ -197,6 +199,7 @@ class Ops:
     prefill_attention: Callable[..., torch.Tensor]
     paged_attention_decode: Callable[..., torch.Tensor]
     kv_write: Callable[..., None]
+    quantize_kv: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
 
 
 REFERENCE_OPS = Ops(
@@ -210,6 +213,7 @@ REFERENCE_OPS = Ops(
     prefill_attention=prefill_attention,
     paged_attention_decode=paged_attention_decode,
     kv_write=kv_write,
+    quantize_kv=fp8q.quantize_kv,
 )
 OP_NAMES = tuple(f.name for f in fields(Ops) if f.name != "backend")
 

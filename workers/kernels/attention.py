@@ -38,6 +38,7 @@ def _attn_split_kernel(
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_fb, stride_fh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_T: tl.constexpr, PAGE: tl.constexpr, KV_FP8: tl.constexpr, DIRECT: tl.constexpr,
+    OFF32: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
@@ -66,7 +67,8 @@ def _attn_split_kernel(
     for t0 in range(start, end, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         tmask = t < end
-        page = tl.load(bt_ptr + b * stride_btb + t // PAGE, mask=tmask, other=0).to(tl.int64)
+        page = tl.load(bt_ptr + b * stride_btb + t // PAGE, mask=tmask, other=0)
+        page = page.to(tl.int32) if OFF32 else page.to(tl.int64)  # 32-bit offsets save registers
         slot_off = t % PAGE
         kv_off = page * stride_cb + slot_off * stride_ct + kvh * stride_ch
         kvmask = tmask[:, None] & dmask[None, :]
@@ -132,9 +134,10 @@ def _attn_merge_kernel(
              mask=offs_d < D)
 
 
-# (BLOCK_T, num_warps, num_stages) measured best on the H100 at batch 16-64 (bench_kernels.py attention).
-ATTN_FP8_CONFIG = (128, 4, 3)
-ATTN_BF16_CONFIG = (64, 4, 3)
+# (BLOCK_T, num_warps, num_stages, max registers or None) measured best on the H100 at batch 64, 2K
+# context (bench_kernels.py --only attn_variants; NOTES.md): small one-warp programs, two splits.
+ATTN_FP8_CONFIG = (32, 1, 2, None)
+ATTN_BF16_CONFIG = (64, 2, 2, None)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -143,9 +146,12 @@ def _sm_count(device: torch.device) -> int:
     return 4
 
 
-def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, block_t: int, sm_count: int) -> int:
-    """Enough programs for ~2 waves over the SMs, but no split shorter than 4 × BLOCK_T tokens."""
-    want = -(-2 * sm_count // max(1, batch * num_kv_heads))
+def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, block_t: int, sm_count: int,
+                      num_warps: int = 4) -> int:
+    """About 2·SMs·(4 / num_warps) programs (small programs need more of them in flight to keep HBM busy),
+    but no split shorter than 4 × BLOCK_T tokens and at most 64 splits."""
+    target = 2 * sm_count * max(1, 4 // num_warps)
+    want = max(1, round(target / max(1, batch * num_kv_heads)))
     cap = max(1, -(-max_seq_len // (4 * block_t)))
     return max(1, min(want, cap, 64))
 
@@ -164,6 +170,8 @@ def paged_decode_attention(
     block_t: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    max_regs: int | None = None,
+    off32: bool = True,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its paged KV → [B, Hq, D] in q.dtype. See module doc."""
     check(q.dim() == 3 and q.stride(-1) == 1, f"q must be [B, Hq, D] with contiguous D, got {tuple(q.shape)}")
@@ -192,10 +200,12 @@ def paged_decode_attention(
     block_t = block_t or cfg[0]
     num_warps = num_warps or cfg[1]
     num_stages = num_stages or cfg[2]
+    max_regs = max_regs or cfg[3]
+    extra = {"maxnreg": max_regs} if max_regs and q.is_cuda else {}  # register cap → more programs per SM
     if num_splits is None:
         if max_seq_len is None:
             max_seq_len = int(seq_lens.max())  # host sync: pass max_seq_len under CUDA graph capture
-        num_splits = choose_num_splits(B, Hkv, max_seq_len, block_t, _sm_count(q.device))
+        num_splits = choose_num_splits(B, Hkv, max_seq_len, block_t, _sm_count(q.device), num_warps)
     direct = num_splits == 1
     if direct:
         part, lse = out, out  # unused
@@ -216,6 +226,7 @@ def paged_decode_attention(
         *so, *sl, out.stride(0), out.stride(1),
         GROUP=group, BLOCK_G=max(16, next_pow2(group)), D=D, BLOCK_D=block_d,
         BLOCK_T=block_t, PAGE=page, KV_FP8=kv_fp8, DIRECT=direct, num_warps=num_warps, num_stages=num_stages,
+        OFF32=max(k_cache.numel(), k_scale.numel()) < 2**31 if off32 else False, **extra,
     )
     if not direct:
         _attn_merge_kernel[(B, Hq)](

@@ -118,15 +118,17 @@ class Stack:
             h, sc, res = self._norm(x, L["in_norm"], res)
             qkv = L["qkv"](h, sc)
             kc, vc, ks, vs = self.caches[i % self.distinct_kv_layers]
+            k_pre = torch.empty(T, s.kv_heads, s.head_dim, device=x.device, dtype=x.dtype) if decode is None else None
             if self.fused_rope:
-                q = rope_kv_write(qkv, pos, self.inv_freq, s.heads, slots, kc, vc, ks, vs)
+                q = rope_kv_write(qkv, pos, self.inv_freq, s.heads, slots, kc, vc, ks, vs, k_out=k_pre)
             else:
                 q, k, v = qkv.split([s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim], dim=-1)
                 q = self._rope(q.view(T, s.heads, s.head_dim), pos)
                 k = self._rope(k.view(T, s.kv_heads, s.head_dim), pos)
                 kv_write(k, v.reshape(T, s.kv_heads, s.head_dim), slots, kc, vc, ks, vs)
             if decode is None:
-                k, v = self._prefill_kv(qkv, pos, T)
+                k, v = self._prefill_kv(qkv, pos, T) if not self.fused_rope else (
+                    k_pre, qkv[:, (s.heads + s.kv_heads) * s.head_dim:].reshape(T, s.kv_heads, s.head_dim))
                 a = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
                                                    v.transpose(0, 1)[None], is_causal=True, enable_gqa=True)
                 a = a[0].transpose(0, 1)

@@ -1,3 +1,4 @@
+# ruff: noqa: B023  (every lambda below is timed inside the loop iteration that defines it)
 """Per-kernel GPU benchmarks: each function returns rows (dicts) for scripts/bench_kernels.py to print and save.
 
 Every row times our kernel beside the stock call it replaces (bf16 torch.matmul, torch._scaled_mm, torch ops
@@ -13,7 +14,7 @@ import torch
 
 from workers.kernels import configs
 from workers.kernels.attention import paged_decode_attention
-from workers.kernels.benchmarking import read_ceiling_tbps, rotating, time_graph_ms, time_ms
+from workers.kernels.benchmarking import read_ceiling_tbps, rotating, time_graph_ms
 from workers.kernels.configs import GemmConfig, ThinConfig
 from workers.kernels.gemm import scaled_mm, thin_gemm, triton_gemm
 from workers.kernels.kv_cache import kv_write
@@ -73,14 +74,14 @@ def bench_quant() -> list[dict[str, Any]]:
         nbytes = M * D * (2 + 2 + 2 + 1) + M * 4
         rows.append(dict(kernel="rms_norm+res+quant", M=M, D=D, fused_us=t_fused * 1e3, bf16_out_us=t_bf16 * 1e3,
                          torch_unfused_us=t_torch * 1e3, fused_TBps=nbytes / t_fused / 1e9))
-    I = 14336
+    inter = 14336
     for M in (1, 64, 4096, 8192):
-        gu = _bf16(M, 2 * I)
+        gu = _bf16(M, 2 * inter)
         t_fused = time_graph_ms(lambda: silu_mul_quant(gu, F8))
         t_bf16 = time_graph_ms(lambda: silu_mul_quant(gu, None))
-        t_torch = time_graph_ms(lambda: _torch_quant(torch.nn.functional.silu(gu[:, :I]) * gu[:, I:]))
-        nbytes = M * (4 * I + I + 4)
-        rows.append(dict(kernel="silu_mul+quant", M=M, D=I, fused_us=t_fused * 1e3, bf16_out_us=t_bf16 * 1e3,
+        t_torch = time_graph_ms(lambda: _torch_quant(torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]))
+        nbytes = M * (4 * inter + inter + 4)
+        rows.append(dict(kernel="silu_mul+quant", M=M, D=inter, fused_us=t_fused * 1e3, bf16_out_us=t_bf16 * 1e3,
                          torch_unfused_us=t_torch * 1e3, fused_TBps=nbytes / t_fused / 1e9))
     for M in (4096, 8192):
         x = _bf16(M, D)
@@ -154,7 +155,13 @@ def bench_prefill(sweep: bool) -> list[dict[str, Any]]:
     return rows
 
 
-def _thin_sweep_configs(M: int) -> list[ThinConfig]:
+def _thin_sweep_configs(M: int, wide: bool = False) -> list[ThinConfig]:
+    """The launch configs a sweep tries for M tokens; wide=True also tiles M (several programs per weight
+    tile, the repeats served from L2) and skips split-K."""
+    if wide:
+        bms = [b for b in (16, 32, 64) if b <= max(16, M)]
+        return [ThinConfig(bm, bn, 256, 1, 4, st) for bm in bms for bn in (32, 64, 128) for st in (4, 6)
+                if bm * bn <= 64 * 128]
     bm = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
     out = []
     for bn in (16, 32, 64) if M <= 64 else (64, 128):
@@ -165,7 +172,7 @@ def _thin_sweep_configs(M: int) -> list[ThinConfig]:
     return out
 
 
-def bench_thin(sweep: bool, ms: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)) -> list[dict[str, Any]]:
+def bench_thin(sweep: bool, ms: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256), wide: bool = False) -> list[dict[str, Any]]:
     rows = []
     for N, K in LLAMA8B_THIN:
         wbytes = N * K
@@ -179,7 +186,7 @@ def bench_thin(sweep: bool, ms: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 
             calls = max(get8.n, get16.n, 8)
             t_bf16 = time_graph_ms(lambda: x @ get16()[0].t(), calls=calls)
             t_smm = time_graph_ms(lambda: scaled_mm(a_q, a_s, *get8()), calls=calls) if M % 16 == 0 else float("nan")
-            cfgs = _thin_sweep_configs(M) if sweep else [configs.thin_config(M, N, K)]
+            cfgs = _thin_sweep_configs(M, wide) + [configs.thin_config(M, N, K)] if sweep else [configs.thin_config(M, N, K)]
             t_thin, best = float("inf"), None
             for cfg in cfgs:
                 try:
@@ -216,7 +223,7 @@ def _attn_case(B, ctx, dtype, Hq=32, Hkv=8, D=128, bs=16):
 
 
 # (BLOCK_T, num_warps, num_stages), tried for both KV dtypes; the best of each is reported.
-ATTN_CONFIGS = [(64, 4, 3), (128, 4, 3), (128, 8, 3), (64, 4, 2), (128, 4, 2), (128, 4, 4), (64, 4, 4), (256, 8, 3)]
+ATTN_CONFIGS = [(32, 1, 2), (64, 2, 2), (64, 2, 3), (64, 4, 3), (128, 4, 3), (64, 4, 2)]
 
 
 def bench_attention() -> list[dict[str, Any]]:
@@ -259,12 +266,14 @@ def bench_attention_variants(B: int = 64, ctx: int = 2048) -> list[dict[str, Any
     for name, dtype in (("fp8", F8), ("bf16", torch.bfloat16)):
         per_tok = Hkv * D * 2 * dtype.itemsize + (Hkv * 8 if name == "fp8" else 0)
         get = rotating(lambda dtype=dtype: _attn_case(B, ctx, dtype), B * ctx * per_tok)
-        for splits in (1, 2, 4, 8):
-            for cfg in [(64, 4, 1), (128, 4, 1), (64, 2, 2), (32, 4, 3), (128, 4, 3), (64, 8, 3), (128, 8, 2)]:
+        for splits in (1, 2):
+            for cfg in [(64, 2, 2, 0, 1), (64, 2, 2, 0, 0), (32, 2, 2, 0, 1), (64, 2, 3, 0, 1), (64, 4, 2, 0, 1),
+                        (32, 1, 2, 0, 1), (128, 4, 2, 0, 1), (128, 4, 3, 0, 1), (64, 4, 3, 0, 1)]:
                 def run(get=get, cfg=cfg, splits=splits):
                     kc, vc, ks, vs, table = get()
                     return paged_decode_attention(q, kc, vc, table, lens, D**-0.5, ks, vs, num_splits=splits,
-                                                  block_t=cfg[0], num_warps=cfg[1], num_stages=cfg[2])
+                                                  block_t=cfg[0], num_warps=cfg[1], num_stages=cfg[2],
+                                                  max_regs=cfg[3] or None, off32=bool(cfg[4]))
 
                 try:
                     t = time_graph_ms(run, calls=max(get.n, 4), rep_ms=20)

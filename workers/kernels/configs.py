@@ -48,7 +48,7 @@ def _t(bm: int, bn: int, bk: int, split: int, stages: int) -> ThinConfig:
     return ThinConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=4, num_stages=stages)
 
 
-# Measured winners on the H100 (benchmarks/h100-kernels-sweep-2026-11-22.json, `bench_kernels.py --sweep`),
+# Measured winners on the H100 (benchmarks/kernels/h100-kernels-sweep-2026-11-22.json, `bench_kernels.py --sweep`),
 # keyed by (N, K), then by M bucket (upper bound inclusive). Llama-3.1-8B: qkv, o, gate_up, down.
 THIN_TABLE: dict[tuple[int, int], list[tuple[int, ThinConfig]]] = {
     (6144, 4096): [(16, _t(16, 64, 256, 1, 6)), (32, _t(32, 64, 256, 1, 4)), (64, _t(64, 64, 256, 1, 4)),
@@ -73,7 +73,7 @@ def _sm_count() -> int:
 def thin_config(M: int, N: int, K: int) -> ThinConfig:
     """The measured config for (N, K) and M's bucket, else a heuristic: ≥ 1 wave of programs over the SMs."""
     for m_max, cfg in THIN_TABLE.get((N, K), []):
-        if M <= m_max:
+        if m_max >= M:
             return cfg
     # Unmeasured shape: the sweep's usual winner (no split: the reduction launch costs more than it gains).
     block_m = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
@@ -94,7 +94,7 @@ def choose_backend(M: int, N: int, K: int, device: torch.device) -> Backend:
     aligned = M % 16 == 0 and N % 16 == 0 and K % 16 == 0
     if M <= THIN_MAX_M:
         smm_from = SCALED_MM_FROM_M.get((N, K), THIN_MAX_M + 1)
-        return Backend.SCALED_MM if aligned and M >= smm_from else Backend.THIN
+        return Backend.SCALED_MM if aligned and smm_from <= M else Backend.THIN
     # Prefill: cuBLASLt matched or beat the Triton tiles on every aligned Llama shape measured (within 1%
     # at 4096 tokens, 2-10% ahead at 8192); the Triton kernel serves shapes cuBLASLt rejects.
     return Backend.SCALED_MM if aligned else Backend.TRITON

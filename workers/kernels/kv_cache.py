@@ -112,11 +112,11 @@ def _rope_half(x1, x2, cos, sin):
 
 @triton.jit
 def _rope_kv_write_kernel(
-    qkv_ptr, pos_ptr, inv_ptr, slot_ptr, q_out_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr,
-    HQ, HKV, block_size, stride_t, stride_qt, stride_qh,
+    qkv_ptr, pos_ptr, inv_ptr, slot_ptr, q_out_ptr, k_out_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr,
+    HQ, HKV, block_size, stride_t, stride_qt, stride_qh, stride_kt, stride_kh,
     stride_cb, stride_ct, stride_ch, stride_sb, stride_st, stride_sh,
     D: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
-    QUANT: tl.constexpr, FP8_MAX: tl.constexpr, AMAX_MIN: tl.constexpr,
+    QUANT: tl.constexpr, FP8_MAX: tl.constexpr, AMAX_MIN: tl.constexpr, STORE_K: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     HALF: tl.constexpr = D // 2
@@ -135,16 +135,20 @@ def _rope_kv_write_kernel(
     tl.store(qo, o1.to(q_out_ptr.dtype.element_ty), mask=mq)
     tl.store(qo + HALF, o2.to(q_out_ptr.dtype.element_ty), mask=mq)
     # k (rotated) and v into the cache
+    hk = tl.arange(0, BLOCK_HKV)
+    mk = (hk < HKV)[:, None]
+    k_base = row + HQ * D + hk[:, None] * D + d[None, :]
+    k1, k2 = _rope_half(tl.load(k_base, mask=mk, other=0.0).to(tl.float32),
+                        tl.load(k_base + HALF, mask=mk, other=0.0).to(tl.float32), cos, sin)
+    if STORE_K:  # the rotated k in the activation dtype, for a prefill attention that reads K unquantized
+        ko = k_out_ptr + t * stride_kt + hk[:, None] * stride_kh + d[None, :]
+        tl.store(ko, k1.to(k_out_ptr.dtype.element_ty), mask=mk)
+        tl.store(ko + HALF, k2.to(k_out_ptr.dtype.element_ty), mask=mk)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
         blk = slot // block_size
         off = slot % block_size
-        hk = tl.arange(0, BLOCK_HKV)
-        mk = (hk < HKV)[:, None]
-        k_base = row + HQ * D + hk[:, None] * D + d[None, :]
         v_base = k_base + HKV * D
-        k1, k2 = _rope_half(tl.load(k_base, mask=mk, other=0.0).to(tl.float32),
-                            tl.load(k_base + HALF, mask=mk, other=0.0).to(tl.float32), cos, sin)
         v1 = tl.load(v_base, mask=mk, other=0.0).to(tl.float32)
         v2 = tl.load(v_base + HALF, mask=mk, other=0.0).to(tl.float32)
         c_off = blk * stride_cb + off * stride_ct + hk[:, None] * stride_ch + d[None, :]
@@ -175,12 +179,14 @@ def rope_kv_write(
     v_cache: torch.Tensor,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    k_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """RoPE (rotate-half) on q and k of a fused QKV projection, then K/V quantize-and-write; one launch.
 
     qkv [T, (Hq + 2·Hkv)·D] (q heads, then k heads, then v heads; row-contiguous), positions [T] int,
     inv_freq [D/2] float32 (the model's frequencies, any RoPE scaling already applied). Returns q [T, Hq, D]
     rotated, in qkv.dtype; the caches are written as kv_write does (see reference.rope_kv_write_ref).
+    k_out [T, Hkv, D] (optional) also receives the rotated k unquantized (prefill attention reads it).
     """
     check(qkv.dim() == 2 and qkv.stride(1) == 1, f"qkv must be [T, (Hq+2Hkv)*D] row-contiguous, got {tuple(qkv.shape)}")
     T = qkv.shape[0]
@@ -198,16 +204,20 @@ def rope_kv_write(
               and v_scale.stride() == k_scale.stride(), "an FP8 KV cache needs k_scale/v_scale [blocks, block_size, Hkv]")
     else:
         k_scale = v_scale = k_cache
-    check_same_device(qkv, positions, inv_freq, slot_mapping, k_cache, v_cache, k_scale, v_scale)
+    check_same_device(qkv, positions, inv_freq, slot_mapping, k_cache, v_cache, k_scale, v_scale, k_out)
+    if k_out is not None:
+        check(k_out.shape == (T, Hkv, D) and k_out.stride(-1) == 1, f"k_out must be [{T}, {Hkv}, {D}]")
     q = torch.empty(T, num_heads, D, dtype=qkv.dtype, device=qkv.device)
     if T == 0:
         return q
     _rope_kv_write_kernel[(T,)](
-        qkv, positions, inv_freq, slot_mapping, q, k_cache, v_cache, k_scale, v_scale,
-        num_heads, Hkv, k_cache.shape[1], qkv.stride(0), q.stride(0), q.stride(1),
+        qkv, positions, inv_freq, slot_mapping, q, k_out if k_out is not None else q, k_cache, v_cache, k_scale,
+        v_scale, num_heads, Hkv, k_cache.shape[1], qkv.stride(0), q.stride(0), q.stride(1),
+        k_out.stride(0) if k_out is not None else 0, k_out.stride(1) if k_out is not None else 0,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         k_scale.stride(0), k_scale.stride(1), k_scale.stride(2) if quant else 0,
         D=D, BLOCK_HQ=next_pow2(num_heads), BLOCK_HKV=next_pow2(Hkv),
-        QUANT=quant, FP8_MAX=FP8_MAX.get(k_cache.dtype, 1.0), AMAX_MIN=AMAX_FLOOR, num_warps=4,
+        QUANT=quant, FP8_MAX=FP8_MAX.get(k_cache.dtype, 1.0), AMAX_MIN=AMAX_FLOOR, STORE_K=k_out is not None,
+        num_warps=4,
     )
     return q

@@ -61,14 +61,14 @@ def _rms_norm_kernel(
 
 @triton.jit
 def _silu_mul_kernel(
-    gu_ptr, out_ptr, scale_ptr, I, stride_gu, stride_o,
+    gu_ptr, out_ptr, scale_ptr, N_INTER, stride_gu, stride_o,
     QUANT: tl.constexpr, FP8_MAX: tl.constexpr, AMAX_MIN: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_I)
-    mask = offs < I
+    mask = offs < N_INTER
     g = tl.load(gu_ptr + row * stride_gu + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(gu_ptr + row * stride_gu + I + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * stride_gu + N_INTER + offs, mask=mask, other=0.0).to(tl.float32)
     y = g / (1.0 + tl.exp(-g)) * u
     out_ptrs = out_ptr + row * stride_o + offs
     if QUANT:
@@ -154,16 +154,16 @@ def silu_mul_quant(
     """silu(gate) * up for gate_up [..., 2I] (gate first), quantized per token when fp8_dtype is given."""
     g2 = _rows(gate_up, "gate_up")
     check(g2.shape[1] % 2 == 0, f"gate_up's last dimension must be even (gate, up), got {g2.shape[1]}")
-    M, I = g2.shape[0], g2.shape[1] // 2
-    out, scale, fmax = _out(M, I, g2, fp8_dtype, out_dtype)
+    M, inter = g2.shape[0], g2.shape[1] // 2
+    out, scale, fmax = _out(M, inter, g2, fp8_dtype, out_dtype)
     if M > 0:
-        block = next_pow2(I)
+        block = next_pow2(inter)
         _silu_mul_kernel[(M,)](
-            g2, out, scale if scale is not None else out, I, g2.stride(0), out.stride(0),
+            g2, out, scale if scale is not None else out, inter, g2.stride(0), out.stride(0),
             QUANT=scale is not None, FP8_MAX=fmax, AMAX_MIN=AMAX_FLOOR, BLOCK_I=block, num_warps=_warps(block),
         )
     lead = gate_up.shape[:-1]
-    return out.reshape(*lead, I), (scale.reshape(lead) if scale is not None else None)
+    return out.reshape(*lead, inter), (scale.reshape(lead) if scale is not None else None)
 
 
 def quantize_per_token(x: torch.Tensor, fp8_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

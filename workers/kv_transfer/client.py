@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 import grpc
 
 from orchestrator.core.types import KVDtype, TandemError
-from workers.kv_payload import KVCapacityError, KVLayout, KVLayoutMismatch
+from workers.kv_payload import KVCapacityError, KVLayerPayload, KVLayout, KVLayoutMismatch
 from workers.kv_transfer import control
 from workers.kv_transfer.errors import (
     KVTransferError,
@@ -146,28 +146,37 @@ class GrpcKVStream(KVStream):
         super().__init__(request_id, layout, kv_dtype, prompt_token_ids, **kw)
         self.deadline = time.monotonic() + deadline_s
         self.max_queue_bytes = max(int(max_queue_bytes), 1)
-        self._q: collections.deque[bytes | None] = collections.deque([self._open_frame])
+        # queue items: a frame (bytes), a payload to frame lazily (payload, first_seq, nbytes), or None (end)
+        self._q: collections.deque[bytes | tuple[KVLayerPayload, int, int] | None] = collections.deque(
+            [self._open_frame]
+        )
         self._qbytes = len(self._open_frame)
         self._cv = threading.Condition()
         self._future = client._push.future(self._requests(), timeout=deadline_s, metadata=client._md)
 
     @property
     def queued_bytes(self) -> int:
-        """Bytes of frames queued and not yet taken by gRPC (bounded by max_queue_bytes + one frame)."""
+        """Payload bytes queued and not yet fully handed to gRPC (bounded by max_queue_bytes + one payload)."""
         return self._qbytes
 
     def _requests(self) -> Iterator[bytes]:
+        """Runs on gRPC's request-consumer thread: frames payloads here, off the caller's thread."""
         while True:
             with self._cv:
                 while not self._q:
                     self._cv.wait()
                 item = self._q.popleft()
-                if item is not None:
-                    self._qbytes -= len(item)
-                self._cv.notify_all()
             if item is None:
                 return
-            yield item
+            if isinstance(item, bytes):
+                yield item
+                cost = len(item)
+            else:
+                payload, first_seq, cost = item
+                yield from self.frames_of(payload, first_seq)
+            with self._cv:
+                self._qbytes -= cost
+                self._cv.notify_all()
 
     def _error(self) -> TandemError:
         try:
@@ -178,25 +187,25 @@ class GrpcKVStream(KVStream):
             return TransferCancelled(f"stream {self.request_id!r} was aborted")
         return KVTransferError(f"stream {self.request_id!r}: the receiver answered before the finish frame")
 
-    def _emit(self, frames: list[bytes]) -> None:
-        for f in frames:
-            with self._cv:
-                while self._qbytes + len(f) > self.max_queue_bytes and self._qbytes > 0:
-                    if self._future.done():
-                        raise self._error()
-                    if time.monotonic() > self.deadline:
-                        self.abort()
-                        raise TransferDeadlineExceeded(f"stream {self.request_id!r}: deadline passed while queued")
-                    self._cv.wait(timeout=0.05)
+    def _emit(self, payload: KVLayerPayload, first_seq: int, payload_bytes: int) -> None:
+        with self._cv:
+            while self._qbytes + payload_bytes > self.max_queue_bytes and self._qbytes > 0:
                 if self._future.done():
                     raise self._error()
-                self._q.append(f)
-                self._qbytes += len(f)
-                self._cv.notify_all()
+                if time.monotonic() > self.deadline:
+                    self.abort()
+                    raise TransferDeadlineExceeded(f"stream {self.request_id!r}: deadline passed while queued")
+                self._cv.wait(timeout=0.05)
+            if self._future.done():
+                raise self._error()
+            self._q.append((payload, first_seq, payload_bytes))
+            self._qbytes += payload_bytes
+            self._cv.notify_all()
 
     def _finish(self, frame: bytes) -> control.TransferAck:
         with self._cv:
             self._q.append(frame)
+            self._qbytes += len(frame)
             self._q.append(None)
             self._cv.notify_all()
         try:
@@ -211,7 +220,6 @@ class GrpcKVStream(KVStream):
         self.closed = True
         self._future.cancel()
         with self._cv:
-            self._q.clear()
+            self._q.clear()  # the item being framed right now (if any) still subtracts its cost
             self._q.append(None)
-            self._qbytes = 0
             self._cv.notify_all()

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from orchestrator.core.types import KVDtype, TandemError
-from workers.kv_payload import KVLayout, KVLayoutMismatch, KVSink
+from workers.kv_payload import KVLayerPayload, KVLayout, KVLayoutMismatch, KVSink
 from workers.kv_transfer import control
 from workers.kv_transfer.errors import TransferCancelled, TransferDeadlineExceeded
 from workers.kv_transfer.fp8 import WireDtype
@@ -106,8 +106,8 @@ class InProcessKVStream(KVStream):
             self.closed = True
             raise
 
-    def _emit(self, frames: list[bytes]) -> None:
-        for f in frames:
+    def _emit(self, payload: KVLayerPayload, first_seq: int, payload_bytes: int) -> None:
+        for f in self.frames_of(payload, first_seq):
             self._feed(f)
 
     def _finish(self, frame: bytes) -> control.TransferAck:

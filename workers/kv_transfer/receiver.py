@@ -3,7 +3,7 @@
 A `KVReceiver` owns the reservations made on a `KVSink` and turns a stream of frames into
 `sink.write_kv_layer` calls. Per request:
 
-    reserve()  -> RESERVED   blocks held under a lease (a timer frees them on expiry)
+    reserve()  -> RESERVED   blocks held under a lease (one reaper thread frees them on expiry)
     OPEN frame -> STREAMING  checked against the reservation and the sink's layout
     CHUNKs     -> each checked (seq, layer, token range, sizes, checksum); a sender payload's
                   chunks are assembled and written as one KVLayerPayload, transcoded to what
@@ -49,6 +49,7 @@ from workers.kv_transfer.errors import (
     UnknownTransfer,
 )
 from workers.kv_transfer.fp8 import WireDtype, has_nonfinite, transcode, wire_dtype_of
+from workers.kv_transfer.leases import LeaseReaper
 from workers.kv_transfer.wire import (
     DEFAULT_MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
@@ -91,7 +92,7 @@ class _Reservation:
     layout: KVLayout
     num_tokens: int
     lease_s: float
-    timer: threading.Timer | None = None
+    expires_at: float = 0.0  # time.monotonic() deadline of the lease
     state: TransferState = TransferState.RESERVED
     error: TandemError | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -140,6 +141,7 @@ class KVReceiver:
         self._res: dict[str, _Reservation] = {}
         self._inflight_bytes = 0
         self._closed = False
+        self._leases = LeaseReaper(self._expire_if_due)
 
     # ------------------------------------------------------------ local API (decode worker)
 
@@ -161,7 +163,7 @@ class KVReceiver:
                 raise TransferCancelled("the receiver is shut down")
             if request_id in self._res:
                 raise KVImportError(f"request {request_id!r} already has a reservation")
-            res = _Reservation(request_id, layout, int(num_tokens), lease)
+            res = _Reservation(request_id, layout, int(num_tokens), lease, expires_at=time.monotonic() + lease)
             self._res[request_id] = res
         try:
             if max_new_tokens > 0:
@@ -172,9 +174,7 @@ class KVReceiver:
             with self._lock:
                 self._res.pop(request_id, None)
             raise
-        res.timer = threading.Timer(lease, self._expire, args=(request_id,))
-        res.timer.daemon = True
-        res.timer.start()
+        self._leases.add(request_id, res.expires_at)
 
     def cancel(self, request_id: str, reason: str = "cancelled") -> bool:
         """Cancel a reservation or a live transfer; frees its blocks. False when unknown."""
@@ -187,6 +187,7 @@ class KVReceiver:
             ids = list(self._res)
         for rid in ids:
             self.cancel(rid, "cancelled: receiver shutting down")
+        self._leases.stop()
 
     def counts(self) -> tuple[int, int]:
         """(streaming transfers, all reservations)."""
@@ -211,10 +212,12 @@ class KVReceiver:
     def begin(self) -> Session:
         return Session(self)
 
-    def _expire(self, request_id: str) -> None:
+    def _expire_if_due(self, request_id: str) -> None:
         with self._lock:
             res = self._res.get(request_id)
-            lease = res.lease_s if res else 0.0
+            if res is None or time.monotonic() < res.expires_at:
+                return
+            lease = res.lease_s
         self._fail(request_id, LeaseExpired(f"lease of {lease:g} s on request {request_id!r} expired before its KV arrived"))
 
     def _fail(self, request_id: str, err: TandemError) -> bool:
@@ -227,8 +230,6 @@ class KVReceiver:
             if res.state in (TransferState.COMPLETE, TransferState.FAILED):
                 return False
             res.state, res.error = TransferState.FAILED, err
-            if res.timer is not None:
-                res.timer.cancel()
             self.sink.release_kv(request_id)
             hook = res.on_abort
         if hook is not None:
@@ -435,8 +436,6 @@ class Session:
         self.done = True
         res.state = TransferState.COMPLETE
         res.on_abort = None
-        if res.timer is not None:
-            res.timer.cancel()
         with self.r._lock:
             self.r._res.pop(res.request_id, None)
         self.r._unbudget(self.budget)

@@ -4,10 +4,10 @@
 `send_layer`):
 
 - `send_layer(payload)` validates the payload against the stream's layout, transcodes it to the
-  wire variant, snapshots it into frames (so the engine may reuse its tensors right after) and
-  hands them to the transport. It returns once the frames are queued; it blocks while the
-  transport's bounded queue is full (flow control) and raises the transfer's typed error if the
-  receiver has already failed the transfer.
+  wire variant and hands it to the transport, which frames it lazily (one frame in memory at a
+  time). It returns once the payload is queued; it blocks while the transport's queue (bounded in
+  bytes) is full (flow control) and raises the transfer's typed error if the receiver has already
+  failed the transfer. The payload's tensors are referenced until sent: do not modify them.
 - `finish(first_token_id)` sends the FINISH frame and waits for the receiver's `TransferAck`.
 - `abort()` cancels the transfer; the receiver frees its blocks. Idempotent.
 """
@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -24,13 +24,54 @@ from workers.kv_payload import KVImportError, KVLayerPayload, KVLayout
 from workers.kv_transfer.control import TransferAck
 from workers.kv_transfer.errors import FrameError
 from workers.kv_transfer.fp8 import WireDtype, transcode, wire_dtype_of
-from workers.kv_transfer.wire import PREFIX, PROTOCOL_VERSION, encode_chunk, encode_finish, encode_open
+from workers.kv_transfer.wire import PROTOCOL_VERSION, encode_chunk, encode_finish, encode_open
 
 DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024
 
 
 def _bytes_view(t: torch.Tensor) -> memoryview:
     return memoryview(t.contiguous().view(torch.uint8).reshape(-1).numpy())
+
+
+def chunk_plan(payload: KVLayerPayload, wire: WireDtype, chunk_bytes: int) -> tuple[int, int, int]:
+    """(tokens per chunk, number of chunks, payload bytes) of one layer payload in `wire`."""
+    n, h, d = (int(x) for x in payload.k.shape)
+    per_tok = 2 * h * d * wire.bytes_per_element + (2 * h * 4 if wire.is_fp8 else 0)
+    step = max(1, chunk_bytes // per_tok)
+    return step, -(-n // step), n * per_tok
+
+
+def iter_frames(
+    request_id: str,
+    payload: KVLayerPayload,
+    wire: WireDtype,
+    first_seq: int,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    src_block_size: int = 0,
+) -> Iterator[bytes]:
+    """CHUNK frames of one layer payload already in `wire`'s dtype, split by tokens into ~chunk_bytes.
+
+    Lazy: one frame exists at a time (fresh memory costs page faults; recycled memory does not).
+    """
+    n, h, d = (int(x) for x in payload.k.shape)
+    tok_bytes = h * d * wire.bytes_per_element
+    scale_tok_bytes = h * 4 if wire.is_fp8 else 0
+    step, _, _ = chunk_plan(payload, wire, chunk_bytes)
+    k, v = _bytes_view(payload.k), _bytes_view(payload.v)
+    ks = _bytes_view(payload.k_scale.to(torch.float32)) if wire.is_fp8 else memoryview(b"")
+    vs = _bytes_view(payload.v_scale.to(torch.float32)) if wire.is_fp8 else memoryview(b"")
+    for i, a in enumerate(range(0, n, step)):
+        b = min(n, a + step)
+        sections = [
+            k[a * tok_bytes : b * tok_bytes],
+            v[a * tok_bytes : b * tok_bytes],
+            ks[a * scale_tok_bytes : b * scale_tok_bytes],
+            vs[a * scale_tok_bytes : b * scale_tok_bytes],
+        ]
+        yield encode_chunk(
+            request_id, first_seq + i, payload.layer, payload.token_start + a, payload.token_start + b,
+            wire, sections, end_of_payload=b == n, src_block_size=src_block_size,
+        )
 
 
 def encode_payload(
@@ -41,30 +82,8 @@ def encode_payload(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     src_block_size: int = 0,
 ) -> list[bytes]:
-    """Frames for one layer payload already in `wire`'s dtype, split by tokens into ~chunk_bytes."""
-    n, h, d = (int(x) for x in payload.k.shape)
-    el = wire.bytes_per_element
-    tok_bytes = h * d * el
-    scale_tok_bytes = h * 4 if wire.is_fp8 else 0
-    per_tok = 2 * tok_bytes + 2 * scale_tok_bytes
-    step = max(1, chunk_bytes // per_tok)
-    k, v = _bytes_view(payload.k), _bytes_view(payload.v)
-    ks = _bytes_view(payload.k_scale.to(torch.float32)) if wire.is_fp8 else memoryview(b"")
-    vs = _bytes_view(payload.v_scale.to(torch.float32)) if wire.is_fp8 else memoryview(b"")
-    frames = []
-    for i, a in enumerate(range(0, n, step)):
-        b = min(n, a + step)
-        sections = [
-            k[a * tok_bytes : b * tok_bytes],
-            v[a * tok_bytes : b * tok_bytes],
-            ks[a * scale_tok_bytes : b * scale_tok_bytes],
-            vs[a * scale_tok_bytes : b * scale_tok_bytes],
-        ]
-        frames.append(encode_chunk(
-            request_id, first_seq + i, payload.layer, payload.token_start + a, payload.token_start + b,
-            wire, sections, end_of_payload=b == n, src_block_size=src_block_size,
-        ))
-    return frames
+    """All CHUNK frames of one layer payload (see iter_frames)."""
+    return list(iter_frames(request_id, payload, wire, first_seq, chunk_bytes, src_block_size))
 
 
 class KVStream(abc.ABC):
@@ -103,8 +122,11 @@ class KVStream(abc.ABC):
 
     # -- transport hooks
     @abc.abstractmethod
-    def _emit(self, frames: list[bytes]) -> None:
-        """Hand frames to the transport (may block for flow control; raises the transfer's error)."""
+    def _emit(self, payload: KVLayerPayload, first_seq: int, payload_bytes: int) -> None:
+        """Hand a payload (already in the wire dtype) to the transport, which frames it from first_seq.
+
+        May block for flow control; raises the transfer's typed error if it has already failed.
+        """
 
     @abc.abstractmethod
     def _finish(self, frame: bytes) -> TransferAck:
@@ -114,19 +136,25 @@ class KVStream(abc.ABC):
     def abort(self) -> None:
         """Cancel the transfer; the receiver frees the reservation. Idempotent."""
 
+    def frames_of(self, payload: KVLayerPayload, first_seq: int) -> Iterator[bytes]:
+        return iter_frames(self.request_id, payload, self.wire, first_seq, self.chunk_bytes, self.src_block_size)
+
     # -- public
     def send_layer(self, payload: KVLayerPayload) -> None:
-        """Queue one layer's KV (any token range not yet sent) for sending."""
+        """Queue one layer's KV (any token range not yet sent) for sending.
+
+        The payload's tensors are referenced, not copied, until their frames are sent: do not
+        modify them in place afterwards (the engine's exported tensors are never modified).
+        """
         if self.closed:
             raise FrameError(f"stream {self.request_id!r} is closed")
         self._check(payload)
         wire_payload = transcode(payload, self.src_wire, self.wire)
-        frames = encode_payload(
-            self.request_id, wire_payload, self.wire, self.seq, self.chunk_bytes, self.src_block_size
-        )
-        self.seq += len(frames)
-        self.payload_bytes += sum(_payload_len(f) for f in frames)
-        self._emit(frames)
+        _, num_chunks, nbytes = chunk_plan(wire_payload, self.wire, self.chunk_bytes)
+        first_seq = self.seq
+        self.seq += num_chunks
+        self.payload_bytes += nbytes
+        self._emit(wire_payload, first_seq, nbytes)
 
     def finish(self, first_token_id: int) -> TransferAck:
         """Close the stream and wait for the receiver to verify and write everything."""
@@ -153,8 +181,3 @@ class KVStream(abc.ABC):
             raise KVImportError(f"layer {p.layer} outside [0, {lay.num_layers})")
         if p.num_tokens < 1 or not 0 <= p.token_start <= self.num_tokens - p.num_tokens:
             raise KVImportError(f"tokens [{p.token_start}, {p.token_start + p.num_tokens}) outside the prompt")
-
-
-def _payload_len(frame: bytes) -> int:
-    hlen = PREFIX.unpack_from(frame, 0)[4]
-    return len(frame) - PREFIX.size - hlen

@@ -194,6 +194,16 @@ class KVTransferServer:
 
         return self._unary(do, body, context)
 
+    @staticmethod
+    def _ended_early(context: grpc.ServicerContext) -> TandemError | None:
+        """The reason a stream ended without FINISH when gRPC knows it (deadline, cancellation)."""
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return TransferDeadlineExceeded("the transfer's deadline passed before it finished")
+        if not context.is_active():
+            return TransferCancelled("the sender cancelled the stream or its connection was lost")
+        return None
+
     def _push(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
         self._auth(context)
         session = self.receiver.begin()
@@ -204,13 +214,15 @@ class KVTransferServer:
                 ack = session.feed(data)
                 if ack is not None:
                     return control.encode_ack(ack)
-            err = FrameError("truncated stream: the sender closed it without a finish frame")
+            err = self._ended_early(context) or FrameError(
+                "truncated stream: the sender closed it without a finish frame"
+            )
         except TandemError as e:
             err = e
         except grpc.RpcError:  # the sender went away (cancelled, deadline, connection lost)
-            err = TransferCancelled("the sender cancelled the stream or its connection was lost")
-            if context.time_remaining() is not None and context.time_remaining() <= 0:
-                err = TransferDeadlineExceeded("the transfer's deadline passed before it finished")
+            err = self._ended_early(context) or TransferCancelled(
+                "the sender cancelled the stream or its connection was lost"
+            )
         except Exception as e:  # never leak blocks on a bug
             log.exception("KV push failed")
             err = KVImportError(f"{type(e).__name__}: {e}")

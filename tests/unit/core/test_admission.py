@@ -81,6 +81,8 @@ def test_no_kv_room_queues():
         (RouteRequest("b", 30_000, 3_000), IDLE, AdmissionReason.CONTEXT_TOO_LONG, 400),
         (RouteRequest("c", 10, 10), snapshot(prefill("p0"), decode("d0", healthy=False)),
          AdmissionReason.NO_HEALTHY_WORKER, 503),
+        (RouteRequest("e", 1000, 1000), snapshot(prefill("p0"), decode("d0", free=10, total=100)),
+         AdmissionReason.EXCEEDS_KV_CAPACITY, 400),  # 2000 tokens > 100 blocks × 16
     ],
 )
 def test_requests_that_can_never_run(request_, snap, reason, status):

@@ -160,6 +160,9 @@ def test_no_room_queues_and_no_worker_rejects():
     full = router.route(req(100, max_tokens=60), snapshot(prefill("p0"), decode("d0", free=9), decode("d1", free=3)))
     assert not full.placed and full.reason is RouteReason.NO_KV_CAPACITY and full.no_fit is NoFitAction.QUEUE
     assert "needs 10 KV blocks" in full.arithmetic and "9 on d0" in full.arithmetic
+    never = router.route(req(100, max_tokens=60), snapshot(prefill("p0"), decode("d0", free=9, total=9)))
+    assert never.reason is RouteReason.NO_KV_CAPACITY and never.no_fit is NoFitAction.REJECT
+    assert "no decode worker has that many blocks at all" in never.arithmetic
     none = router.route(req(10), snapshot(prefill("p0"), decode("d0", healthy=False)))
     assert not none.placed and none.reason is RouteReason.NO_DECODE_WORKER and none.no_fit is NoFitAction.REJECT
 

@@ -36,7 +36,8 @@ def test_e4m3_ranges_and_fp8_presence(catalog):
     assert catalog["h100-sxm"].e4m3_max == 448
     assert catalog["gaudi3"].e4m3_max == 448
     a100 = catalog["a100"]
-    assert a100.peak_fp8_tflops is None and a100.e4m3_max is None
+    assert a100.peak_fp8_tflops is None and a100.e4m3_max is None and a100.fp8_gemm_efficiency == {}
+    assert set(catalog["gaudi2"].fp8_gemm_efficiency) == {GemmKind.FP8_ROWWISE, GemmKind.FP8_TENSOR}
     assert a100.fp8_fallback(LinearMode.FP8_DYNAMIC) and not a100.fp8_fallback(LinearMode.BF16)
     assert not catalog["l4"].fp8_fallback(LinearMode.FP8_DYNAMIC)
     # An fp8 GEMM on A100 costs exactly the bf16 GEMM (bf16 rates, 2-byte operands).

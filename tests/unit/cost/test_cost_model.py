@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from orchestrator.core.cost_model import CostModel, InvalidCostQuery
 from orchestrator.core.hardware import LinkSpec, Phase
@@ -198,9 +200,6 @@ def test_decode_from_sums_equals_decode_from_lists(cost8b):
     with pytest.raises(InvalidCostQuery):
         cost8b.decode_step_time_sum_s("h100-sxm", 0, 10)
 
-
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 _HW = st.sampled_from(["h100-sxm", "h200", "gaudi2", "gaudi3", "l4", "a100"])
 _MODE = st.sampled_from(list(LinearMode))

@@ -69,7 +69,8 @@ def test_batch_size_and_block_limits_queue_requests_without_deadlock():
     while eng.has_unfinished():
         for o in eng.step():
             out.setdefault(o.request_id, []).append(o.token_id)
-        max_running = max(max_running, len(eng._running))
+        max_running = max(max_running, eng.num_running_requests)
+        assert eng.num_running_requests + eng.num_waiting_requests <= 5
         assert eng.num_free_blocks >= 0
     assert max_running == 2
     assert [out[f"q{i}"] for i in range(5)] == solo
@@ -92,6 +93,7 @@ def test_abort_frees_blocks_everywhere():
     export = src.prefill_export("imp", ps[0], greedy(4))
     eng.reserve_kv("res", export.layout, 5)
     eng.import_kv(export, greedy(4))
+    assert eng.num_kv_reservations == 1 and eng.num_waiting_requests == 1
     eng.abort("res")
     eng.abort("imp")
     assert eng.num_free_blocks == eng.num_total_blocks

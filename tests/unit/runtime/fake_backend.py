@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from orchestrator.core.types import FinishReason
-from orchestrator.runtime.api_types import GenerationRequest, Overloaded, TokenChunk
+from orchestrator.runtime.api_types import GenerationRequest, Overloaded, RequestFailed, TokenChunk
 
 
 def fake_next_token(ids: list[int]) -> int:
@@ -33,6 +33,8 @@ class FakeStream:
                 if self.cancelled:
                     return
                 await asyncio.sleep(self._backend.token_delay_s)
+                if self._backend.fail_after is not None and i >= self._backend.fail_after:
+                    raise RequestFailed(f"{self.request_id}: decode worker died")
                 tok = fake_next_token(ids)
                 ids.append(tok)
                 last = i == self._req.sampling.max_tokens - 1
@@ -54,6 +56,7 @@ class FakeBackend:
         self.live: set[str] = set()
         self.cancelled: set[str] = set()
         self.submitted: list[GenerationRequest] = []
+        self.fail_after: int | None = None  # raise RequestFailed after this many tokens
 
     @property
     def model_name(self) -> str:

@@ -11,129 +11,22 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import load_config
-from orchestrator.core.types import FinishReason, Role, SamplingParams
+from orchestrator.core.types import FinishReason, SamplingParams
 from orchestrator.runtime.api_types import GenerationRequest, Overloaded
-from orchestrator.runtime.deployment import WorkerHandle
 from orchestrator.runtime.dispatcher import RayDispatcher
+from orchestrator.runtime.fakes import FakeDeployment
 
 ROOT = Path(__file__).resolve().parents[3]
-
-
-class _Method:
-    def __init__(self, fn):
-        self.fn = fn
-
-    def remote(self, *args, **kwargs):
-        async def call():
-            out = self.fn(*args, **kwargs)
-            return await out if asyncio.iscoroutine(out) else out
-
-        return call()
-
-
-class FakeActor:
-    """Exposes `obj.method.remote(...)` → awaitable, like a Ray actor handle."""
-
-    def __init__(self, impl):
-        self.impl = impl
-
-    def __getattr__(self, name):
-        return _Method(getattr(self.impl, name))
-
-
-class FakeDecode:
-    """Each request yields its tokens only once the test opens its gate."""
-
-    def __init__(self):
-        self.calls: list[tuple[str, str]] = []
-        self.gates: dict[str, asyncio.Event] = {}
-        self.live: set[str] = set()
-        self.reserved: set[str] = set()
-
-    def _gate(self, rid):
-        return self.gates.setdefault(rid, asyncio.Event())
-
-    def submit_local(self, rid, ids, sampling):
-        self.calls.append(("local", rid))
-        self.live.add(rid)
-
-    def reserve(self, rid, layout, n, sampling, lease_s):
-        self.calls.append(("reserve", rid))
-        self.reserved.add(rid)
-        self.live.add(rid)
-
-    async def drain(self, rid, wait_s):
-        if rid not in self.live:
-            return {"token_ids": [], "text": "", "finish_reason": FinishReason.CANCELLED, "error": "gone"}
-        try:
-            await asyncio.wait_for(self._gate(rid).wait(), wait_s)
-        except TimeoutError:
-            return {"token_ids": [], "text": "", "finish_reason": None, "error": None}
-        self.live.discard(rid)
-        self.reserved.discard(rid)
-        return {"token_ids": [65, 66], "text": "AB", "finish_reason": FinishReason.LENGTH, "error": None}
-
-    def cancel(self, rid):
-        self.calls.append(("cancel", rid))
-        self.live.discard(rid)
-        self.reserved.discard(rid)
-        return True
-
-    def telemetry(self):
-        return {"healthy": True, "running": len(self.live), "waiting": 0, "free_kv_blocks": 4,
-                "total_kv_blocks": 4, "power_w": None}
-
-    def encode(self, text):
-        return [1] + list(text.encode())
-
-
-class FakePrefill:
-    def __init__(self, decode: FakeDecode):
-        self.decode = decode
-        self.calls: list[tuple[str, str]] = []
-
-    def prefill_to(self, rid, ids, sampling, address):
-        assert rid in self.decode.reserved, "prefill must start only after decode reserved the KV"
-        self.calls.append(("prefill", rid))
-        return {"bytes": 1234, "total_ms": 5.0}
-
-    def cancel(self, rid):
-        self.calls.append(("cancel", rid))
-        return False
-
-    def telemetry(self):
-        return {"healthy": True, "power_w": None}
-
-
-class FakeDeployment:
-    def __init__(self, config, decode, prefill):
-        info = {"num_total_blocks": 4, "block_size": 16, "kv_layout": "L", "kv_address": "127.0.0.1:1",
-                "max_model_len": 512, "vocab_size": 259}
-        self.workers = {
-            "decode-0": WorkerHandle(_Spec("decode-0"), config.pool("decode"), FakeActor(decode), info),
-            "prefill-0": WorkerHandle(_Spec("prefill-0"), config.pool("prefill"), FakeActor(prefill),
-                                      {**info, "num_total_blocks": 0}),
-        }
-        self.max_model_len = 512
-        self.vocab_size = 259
-
-    def decode_capable(self):
-        return [h for h in self.workers.values() if h.role is not Role.PREFILL]
-
-
-class _Spec:
-    def __init__(self, wid):
-        self.worker_id = wid
 
 
 @pytest.fixture
 def setup():
     cfg = load_config(ROOT / "cluster_configs" / "serving" / "local-cpu.yaml")
-    cfg = cfg.model_copy(update={"admission": cfg.admission.model_copy(update={"max_waiting": 1,
-                                                                               "default_queue_cap": 1})})
-    decode = FakeDecode()
-    prefill = FakePrefill(decode)
-    return RayDispatcher(cfg, FakeDeployment(cfg, decode, prefill)), decode, prefill
+    pools = tuple(p.model_copy(update={"engine": p.engine.model_copy(update={"num_kv_blocks": 4})}) for p in cfg.pools)
+    cfg = cfg.model_copy(update={"pools": pools, "admission": cfg.admission.model_copy(
+        update={"max_waiting": 1, "default_queue_cap": 1})})
+    dep = FakeDeployment(cfg, hold=True)
+    return RayDispatcher(cfg, dep), dep.impls["decode-0"], dep.impls["prefill-0"]
 
 
 def _req(rid, n_prompt=3, max_tokens=29):  # 3 + 29 = 32 tokens = 2 blocks of 16: two fit in 4 blocks
@@ -158,12 +51,12 @@ def test_kv_pressure_queues_then_refuses_then_drains_fifo(setup):
             await disp.submit(_req("d"))
         assert ei.value.reason == "queue_full" and ei.value.retry_after_s >= 1
         t1 = asyncio.ensure_future(_collect(s1))
-        decode._gate("a").set()
+        decode.release("a")
         chunks = await t1
-        assert [c.token_ids for c in chunks] == [[65, 66]] and chunks[-1].finish_reason is FinishReason.LENGTH
+        assert [len(c.token_ids) for c in chunks] == [29] and chunks[-1].finish_reason is FinishReason.LENGTH
         s3 = await asyncio.wait_for(queued, 1)  # "a" freed its blocks: "c" was placed
-        decode._gate("b").set()
-        decode._gate("c").set()
+        decode.release("b")
+        decode.release("c")
         await _collect(s2)
         await _collect(s3)
 
@@ -180,14 +73,14 @@ def test_long_prompt_reserves_on_decode_then_prefills_remotely(setup):
 
     async def main():
         s = await disp.submit(_req("long", n_prompt=20, max_tokens=4))
-        decode._gate("long").set()
+        decode.release("long")
         await _collect(s)
 
     asyncio.run(main())
     assert decode.calls[0] == ("reserve", "long") and prefill.calls == [("prefill", "long")]
     assert disp.counters.remote_prefills == 1
     sample = [s for f in disp.metrics.kv_transfer_bytes.collect() for s in f.samples if s.name.endswith("_total")]
-    assert sample[0].value == 1234 and sample[0].labels["transport"] == "grpc"
+    assert sample[0].value == 64 * 20 and sample[0].labels["transport"] == "grpc"
 
 
 def test_cancel_frees_both_workers_and_the_ledger(setup):
@@ -203,7 +96,7 @@ def test_cancel_frees_both_workers_and_the_ledger(setup):
 
     asyncio.run(main())
     assert ("cancel", "x") in decode.calls and ("cancel", "x") in prefill.calls
-    assert decode.live == set() and disp._streams == {}
+    assert decode.live == {} and disp._streams == {}
     assert disp.snapshot().worker("decode-0").free_kv_blocks == 4
 
 
@@ -214,3 +107,61 @@ def test_out_of_vocabulary_prompt_is_refused_before_dispatch(setup):
     with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
         asyncio.run(disp.submit(GenerationRequest("v", [1, 999], SamplingParams(max_tokens=2))))
     assert decode.calls == []
+
+
+def test_a_worker_that_stops_answering_is_unhealthy_and_requests_get_503(setup):
+    from orchestrator.runtime.api_types import BackendUnavailable
+
+    disp, decode, _ = setup
+
+    decode.healthy = False
+
+    async def main():
+        await disp.poll_once(timeout_s=1)
+        h = await disp.health()
+        assert h["ok"] is False and h["healthy_workers_by_pool"] == {"decode": 0, "prefill": 1}
+        with pytest.raises(BackendUnavailable):
+            await disp.submit(_req("z"))
+
+    asyncio.run(main())
+    assert decode.calls == []
+
+
+def test_graceful_drain_finishes_in_flight_and_refuses_new(setup):
+    from orchestrator.runtime.api_types import BackendUnavailable
+
+    disp, decode, _ = setup
+
+    async def main():
+        s = await disp.submit(_req("a"))
+        consumer = asyncio.ensure_future(_collect(s))
+        closing = asyncio.ensure_future(disp.drain_and_close(timeout_s=5))
+        await asyncio.sleep(0.01)
+        with pytest.raises(BackendUnavailable, match="shutting down"):
+            await disp.submit(_req("b"))
+        decode.release("a")
+        chunks = await consumer
+        return chunks, await closing
+
+    chunks, cancelled = asyncio.run(main())
+    assert chunks[-1].finish_reason is FinishReason.LENGTH and cancelled == 0
+    assert ("cancel", "a") not in decode.calls
+
+
+def test_worker_dying_mid_stream_is_a_typed_failure_and_frees_the_ledger(setup):
+    from orchestrator.runtime.api_types import RequestFailed
+
+    disp, decode, _ = setup
+
+    async def dies(rid, wait_s):
+        raise ConnectionError("actor died")
+
+    async def main():
+        s = await disp.submit(_req("a"))
+        decode.drain = dies
+        with pytest.raises(RequestFailed, match="actor died"):
+            await _collect(s)
+
+    asyncio.run(main())
+    assert ("cancel", "a") in decode.calls and disp._streams == {}
+    assert disp.snapshot().worker("decode-0").free_kv_blocks == 4

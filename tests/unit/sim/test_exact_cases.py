@@ -131,17 +131,29 @@ def test_conservation_under_overload_with_rejections():
     assert rep.avg_power_w == pytest.approx(integral / end, rel=1e-9)
 
 
-def test_request_bigger_than_the_whole_cache_ends_the_run_as_never_placed():
-    # The core's router answers NO_KV_CAPACITY (queue) for a request no decode worker could ever
-    # hold, and admission keeps the class FIFO, so the request behind it waits too. The simulator
-    # must still end (no event is left) and account for both as never placed, leaking nothing.
+def test_request_bigger_than_the_whole_cache_is_rejected_and_the_rest_flow():
+    # No decode worker could ever hold the second request: the core turns it away (its reason is
+    # the core's), the requests around it finish, nothing is stuck or leaked.
     pools = [
         {"name": "prefill", "role": "prefill", "replicas": 1, "hardware": "h100-sxm"},
         {"name": "decode", "role": "decode", "replicas": 1, "hardware": "gaudi2", "engine": {"num_kv_blocks": 10}},
     ]
     sim = make_sim(make_spec(pools=pools))
+    sim.recorder.track_ids()
     rep = sim.run(make_requests([(0.0, 100, 10), (0.1, 1000, 10), (0.2, 50, 5)]))
-    assert rep.finished == 1 and rep.rejected == 2
+    assert rep.finished == 2 and rep.rejected == 1
+    assert sim.recorder.rejected_ids == [1]
+    assert "never_placed" not in rep.rejections
+    assert sim.leak_report() == []
+
+
+def test_requests_no_placement_can_ever_take_end_as_never_placed():
+    # A power budget below what any placement adds: the router answers OVER_POWER_BUDGET (queue)
+    # for every request; with nothing running, nothing frees watts. The run must still end, with
+    # the parked requests accounted for.
+    cfg = make_spec(power={"cluster_w": 300, "on_no_fit": "queue", "queue_cap": 10})
+    sim = make_sim(cfg)
+    rep = sim.run(make_requests([(0.0, 100, 10), (0.1, 200, 10)]))
+    assert rep.finished == 0
     assert rep.rejections == {"never_placed": 2}
-    assert rep.queued_by_admission == 2
     assert sim.leak_report() == []

@@ -1,0 +1,96 @@
+"""The worker actor classes in-process (no Ray): the real engine and the real gRPC KV transport on
+127.0.0.1. Remote prefill gives the same tokens as local prefill; cancels and failed transfers free
+every block on both sides."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from orchestrator.core.types import KVDtype, LinearMode, Role, SamplingParams, TandemError
+from workers.decode import DecodeWorker, WorkerSpec
+from workers.prefill import PrefillWorker
+
+pytestmark = pytest.mark.slow
+
+KW = {"kv_dtype": KVDtype.FP8_E4M3, "linear_mode": LinearMode.FP8_DYNAMIC, "block_size": 16, "num_blocks": 32,
+      "max_batch_size": 4, "max_model_len": 256}
+TOKEN = "unit-test-token-1234"
+
+
+@pytest.fixture(scope="module")
+def workers():
+    d = DecodeWorker(WorkerSpec("decode-0", "decode", Role.DECODE, "cpu", engine_kwargs=KW, auth_token=TOKEN))
+    p = PrefillWorker(WorkerSpec("prefill-0", "prefill", Role.PREFILL, "cpu",
+                                 engine_kwargs={**KW, "block_size": 8}, auth_token=TOKEN))
+    yield d, p
+    leaks = [d.check_leaks(), p.check_leaks()]
+    d.shutdown()
+    p.shutdown()
+    assert leaks == [None, None]
+
+
+def _drain_all(w: DecodeWorker, rid: str) -> tuple[list[int], str, object]:
+    ids, text = [], []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        r = w.drain(rid, 1.0)
+        assert r["error"] is None, r["error"]
+        ids += r["token_ids"]
+        text.append(r["text"])
+        if r["finish_reason"] is not None:
+            return ids, "".join(text), r["finish_reason"]
+    raise AssertionError("no finish within 60 s")
+
+
+def test_remote_prefill_equals_local_prefill(workers):
+    d, p = workers
+    ids = d.encode("The receiver re-blocks KV from block size 8 into 16.")
+    s = SamplingParams(max_tokens=8, ignore_eos=True)
+    d.reserve("remote", d.info()["kv_layout"], len(ids), s)
+    ack = p.prefill_to("remote", ids, s, d.info()["kv_address"])
+    assert ack["bytes"] > 0 and ack["chunks"] >= 1
+    remote = _drain_all(d, "remote")
+    d.submit_local("local", ids, s)
+    local = _drain_all(d, "local")
+    assert remote[0] == local[0] and len(remote[0]) == 8 and remote[1] == local[1]
+    assert d.telemetry()["kv_bytes_received"] >= ack["bytes"]
+    assert d.check_leaks() is None
+
+
+def test_cancelled_reservation_fails_the_prefill_and_frees_both(workers):
+    d, p = workers
+    ids = d.encode("cancel me before the KV lands")
+    s = SamplingParams(max_tokens=4)
+    d.reserve("gone", d.info()["kv_layout"], len(ids), s)
+    assert d.telemetry()["free_kv_blocks"] < d.telemetry()["total_kv_blocks"]
+    assert d.cancel("gone") is True
+    with pytest.raises(TandemError):
+        p.prefill_to("gone", ids, s, d.info()["kv_address"])
+    assert d.check_leaks() is None and p.check_leaks() is None
+    assert d.drain("gone", 0.01)["finish_reason"].value == "cancelled"
+
+
+def test_cancel_while_decoding_frees_blocks(workers):
+    d, _ = workers
+    ids = d.encode("a long generation")
+    d.submit_local("long", ids, SamplingParams(max_tokens=200, ignore_eos=True))
+    while not d.drain("long", 1.0)["token_ids"]:
+        pass
+    assert d.cancel("long") is True
+    assert d.check_leaks() is None
+
+
+def test_reserve_beyond_capacity_is_a_typed_error(workers):
+    from workers.kv_payload import KVCapacityError
+
+    d, _ = workers
+    lay = d.info()["kv_layout"]
+    d.reserve("big1", lay, 200, SamplingParams(max_tokens=50))  # 250 tokens = 16 of the 32 blocks
+    d.reserve("big2", lay, 200, SamplingParams(max_tokens=50))
+    assert d.telemetry()["free_kv_blocks"] == 0
+    with pytest.raises(KVCapacityError):
+        d.reserve("big3", lay, 200, SamplingParams(max_tokens=50))
+    assert d.cancel("big1") and d.cancel("big2") and not d.cancel("big3")
+    assert d.check_leaks() is None
