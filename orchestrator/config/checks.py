@@ -7,6 +7,7 @@ keys are then checked only for being non-empty).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -117,7 +118,7 @@ def parts_from_data(data: Mapping[str, Any]) -> Parts:
     raw_pools = data.get("pools")
     if isinstance(raw_pools, list):
         for i, raw in enumerate(raw_pools):
-            pool = _try(lambda raw=raw: PoolConfig.model_validate(raw))
+            pool = _try(functools.partial(PoolConfig.model_validate, raw))
             if pool is not None:
                 parts.pools.append((i, pool))
         parts.pools_complete = bool(raw_pools) and len(parts.pools) == len(raw_pools)

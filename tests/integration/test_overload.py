@@ -12,8 +12,8 @@ from .conftest import SERVING, start_services, wait_no_leaks
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-MAX_TOKENS = 29  # "Hi" is 3 tokens with BOS: 32 tokens = 2 KV blocks of 16 per request
-DECODE_BLOCKS = 6  # room for 3 requests at once
+MAX_TOKENS = 61  # "Hi" is 3 tokens with BOS: 64 tokens = 4 KV blocks of 16 per request
+DECODE_BLOCKS = 8  # room for 2 requests at once (each decodes for a while: the rest arrive meanwhile)
 
 
 def _small_config():
@@ -53,7 +53,7 @@ def test_excess_gets_429_admitted_complete_nothing_lost(small):
     ok = [r for r in rs if r.status_code == 200]
     busy = [r for r in rs if r.status_code == 429]
     assert len(ok) + len(busy) == n, [r.status_code for r in rs]  # nothing else: no 5xx, nothing lost
-    assert len(busy) >= 1 and len(ok) >= 3  # 3 fit the KV cache at once, 1 may queue
+    assert len(busy) >= 1 and len(ok) >= 2  # 2 fit the KV cache at once, 1 may queue
     for r in busy:
         assert int(r.headers["retry-after"]) >= 1
         err = r.json()["error"]

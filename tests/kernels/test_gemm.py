@@ -67,3 +67,17 @@ def test_gemm_rejects_bad_inputs(gen):
         fp8_linear(a_q.float(), a_s, w_q, w_s)
     with pytest.raises(KernelInputError, match="at least 32"):
         fp8_linear(a_q[:, :16], a_s, w_q[:, :16], w_s)
+
+
+def test_configs_shrink_to_smaller_shared_memory(monkeypatch):
+    """Configs measured on the H100 (227 KB shared memory) are shrunk to fit an L4-class GPU (~99 KB)."""
+    from workers.kernels import configs
+
+    monkeypatch.setattr(configs, "_smem_bytes", lambda: 99 * 1024)
+    for (N, K), buckets in configs.THIN_TABLE.items():
+        for m_max, cfg in buckets:
+            small = configs.thin_config(m_max, N, K)
+            assert configs._fits(small) and small.block_m == cfg.block_m and small.block_n == cfg.block_n
+    assert configs._fits(configs.gemm_config(1000, 4096, 4096))
+    monkeypatch.setattr(configs, "_smem_bytes", lambda: 227 * 1024)
+    assert configs.thin_config(64, 4096, 4096) == configs.THIN_TABLE[(4096, 4096)][2][1]  # unchanged on H100

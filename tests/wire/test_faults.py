@@ -325,3 +325,16 @@ def test_token_configuration(monkeypatch):
     assert token_from_env() == "from-the-env-123"
     with pytest.raises(TransferAuthError, match="at least 8"):
         KVTransferServer(FakeSink(make_layout()), lambda r, s: None, auth_token="short")
+
+
+def test_reserve_beyond_capacity_is_typed_and_leaves_nothing(layout):
+    sink = FakeSink(layout, block_size=8, num_blocks=4)  # 40 tokens need 5 blocks
+    srv = KVTransferServer(sink, lambda r, s: None, auth_token=TOKEN)
+    with pytest.raises(KVCapacityError):
+        srv.reserve("big", layout, N)
+    assert srv.receiver.counts() == (0, 0)
+    sink.assert_no_leaks()
+    srv.reserve("big", layout, 32)  # 4 blocks fit; the failed id can be reserved again
+    assert srv.cancel("big")
+    sink.assert_no_leaks()
+    srv.stop(0)

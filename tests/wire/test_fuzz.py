@@ -154,3 +154,25 @@ def test_live_server_survives_fuzzed_streams(live, frames):
     rec.completed.pop("ok")
     sink.release_kv("ok")
     sink.assert_no_leaks()
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(body=st.binary(max_size=128) | msgpack_values.map(lambda v: msgpack.packb(v)),
+       method=st.sampled_from(["Handshake", "Cancel"]))
+def test_live_control_rpcs_survive_garbage(live, body, method):
+    import grpc
+
+    from tests.wire.fakes import TOKEN
+    from workers.kv_transfer.client import KVTransferClient, error_from_rpc
+    from workers.kv_transfer.security import SERVICE_NAME, TOKEN_METADATA_KEY
+
+    srv, sink, _rec = live
+    with grpc.insecure_channel(srv.address) as ch:
+        try:
+            ch.unary_unary(f"/{SERVICE_NAME}/{method}")(body, timeout=5, metadata=((TOKEN_METADATA_KEY, TOKEN),))
+        except grpc.RpcError as e:
+            assert isinstance(error_from_rpc(e), FrameError), e
+    with KVTransferClient(srv.address, auth_token=TOKEN) as c:
+        assert c.health().ok
+    sink.assert_no_leaks()

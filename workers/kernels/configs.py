@@ -7,6 +7,7 @@ produced them). Change them only with a new measurement.
 from __future__ import annotations
 
 import enum
+import functools
 import os
 from dataclasses import dataclass
 
@@ -64,24 +65,54 @@ THIN_TABLE: dict[tuple[int, int], list[tuple[int, ThinConfig]]] = {
 SCALED_MM_FROM_M: dict[tuple[int, int], int] = {(6144, 4096): 129, (28672, 4096): 129}
 
 
-def _sm_count() -> int:
+def _smem_bytes() -> int:
+    """Shared memory one program may use on the current GPU (H100: 227 KB; L4 / sm_89: ~99 KB)."""
     if torch.cuda.is_available():
-        return torch.cuda.get_device_properties(0).multi_processor_count
-    return 132
+        return _smem_of(torch.cuda.current_device())
+    return 227 * 1024
+
+
+@functools.lru_cache(maxsize=16)
+def _smem_of(index: int) -> int:
+    p = torch.cuda.get_device_properties(index)
+    return int(getattr(p, "shared_memory_per_block_optin", 0) or 227 * 1024)
+
+
+def _fits(cfg: ThinConfig | GemmConfig) -> bool:
+    if isinstance(cfg, ThinConfig):
+        per_stage = cfg.block_n * cfg.block_k + cfg.block_k * cfg.block_m  # fp8 bytes
+    else:
+        per_stage = (cfg.block_m + cfg.block_n) * cfg.block_k
+    return per_stage * cfg.num_stages <= _smem_bytes()
+
+
+# For GPUs with less shared memory than the H100 (e.g. L4): unmeasured, sized to fit ~99 KB.
+SMALL_SMEM_GEMM = GemmConfig(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=3)
 
 
 def thin_config(M: int, N: int, K: int) -> ThinConfig:
-    """The measured config for (N, K) and M's bucket, else a heuristic: ≥ 1 wave of programs over the SMs."""
+    """The measured config for (N, K) and M's bucket, else the sweep's usual winner; shrunk to fit the
+    GPU's shared memory (configs were measured on the H100; smaller GPUs get fewer stages / shorter K)."""
     for m_max, cfg in THIN_TABLE.get((N, K), []):
         if m_max >= M:
-            return cfg
-    # Unmeasured shape: the sweep's usual winner (no split: the reduction launch costs more than it gains).
+            return cfg if _fits(cfg) else _shrink(cfg)
+    # Unmeasured shape: no split-K (the reduction launch costs more than it gains on Llama shapes).
     block_m = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
-    return ThinConfig(block_m=block_m, block_n=64, block_k=256, split_k=1, num_warps=4, num_stages=4)
+    cfg = ThinConfig(block_m=block_m, block_n=64, block_k=256, split_k=1, num_warps=4, num_stages=4)
+    return cfg if _fits(cfg) else _shrink(cfg)
+
+
+def _shrink(cfg: ThinConfig) -> ThinConfig:
+    """Fewer stages, then a shorter K step, until the config fits this GPU's shared memory."""
+    while not _fits(cfg) and cfg.num_stages > 2:
+        cfg = ThinConfig(cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages - 1)
+    while not _fits(cfg) and cfg.block_k > 64:
+        cfg = ThinConfig(cfg.block_m, cfg.block_n, cfg.block_k // 2, cfg.split_k, cfg.num_warps, cfg.num_stages)
+    return cfg
 
 
 def gemm_config(M: int, N: int, K: int) -> GemmConfig:
-    return GEMM_DEFAULT
+    return GEMM_DEFAULT if _fits(GEMM_DEFAULT) else SMALL_SMEM_GEMM
 
 
 def choose_backend(M: int, N: int, K: int, device: torch.device) -> Backend:

@@ -142,7 +142,7 @@ def _check(a_q, a_scale, w_q, w_scale):
 def triton_gemm(a_q, a_scale, w_q, w_scale, out_dtype=torch.bfloat16, cfg: configs.GemmConfig | None = None):
     """Prefill-shaped FP8 GEMM (Triton) → [M, N] out_dtype. Raises KernelInputError."""
     M, N, K = _check(a_q, a_scale, w_q, w_scale)
-    cfg = cfg or configs.GEMM_DEFAULT
+    cfg = cfg or configs.gemm_config(M, N, K)
     out = torch.empty(M, N, dtype=out_dtype, device=a_q.device)
     if M == 0 or N == 0:
         return out

@@ -165,15 +165,17 @@ class KVReceiver:
                 raise KVImportError(f"request {request_id!r} already has a reservation")
             res = _Reservation(request_id, layout, int(num_tokens), lease, expires_at=time.monotonic() + lease)
             self._res[request_id] = res
-        try:
-            if max_new_tokens > 0:
-                self.sink.reserve_kv(request_id, layout, int(num_tokens), max_new_tokens=int(max_new_tokens))  # type: ignore[call-arg]
-            else:
-                self.sink.reserve_kv(request_id, layout, int(num_tokens))
-        except BaseException:
-            with self._lock:
-                self._res.pop(request_id, None)
-            raise
+        with res.lock:  # a stream that races ahead of the sink's reservation waits for it
+            try:
+                if max_new_tokens > 0:
+                    self.sink.reserve_kv(request_id, layout, int(num_tokens), max_new_tokens=int(max_new_tokens))  # type: ignore[call-arg]
+                else:
+                    self.sink.reserve_kv(request_id, layout, int(num_tokens))
+            except BaseException:
+                with self._lock:
+                    self._res.pop(request_id, None)
+                res.state = TransferState.FAILED
+                raise
         self._leases.add(request_id, res.expires_at)
 
     def cancel(self, request_id: str, reason: str = "cancelled") -> bool:

@@ -63,7 +63,7 @@ def status_of(err: Exception) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+def channel_options(max_message_bytes: int) -> list[tuple[str, int | str]]:
     """Message-size limits, set identically on both ends."""
     return [
         ("grpc.max_send_message_length", max_message_bytes),

@@ -245,3 +245,13 @@ def test_router_never_exceeds_the_budget_and_is_deterministic(kind, snap, n, m, 
             after = after_w(snap, pw, dw.worker_id)
             assert after > budget and after > before
         assert d.no_fit is NoFitAction.QUEUE
+
+
+def test_headroom_queries():
+    router, snap = two_h100_one_gaudi(cluster_w=1000, pools={"prefill": 700})
+    now = sum(draw_w(w) for w in snap.workers)  # 73 + 73 + 400
+    assert now == pytest.approx(546)
+    assert router.power.headroom_w(snap) == pytest.approx(1000 - 546)
+    assert router.power.headroom_w(snap, "prefill") == pytest.approx(700 - 146)
+    assert router.power.headroom_w(snap, "decode") == float("inf")  # no pool budget
+    assert PowerAccountant(cost_model()).headroom_w(snap) == float("inf")  # no budget at all

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from orchestrator.config import NoFitAction
 from orchestrator.core.router import Router, RouteReason
@@ -173,3 +177,31 @@ def test_decision_is_independent_of_worker_order():
     a = router.route(req(3000), snapshot(*ws))
     b = router.route(req(3000), snapshot(*reversed(ws)))
     assert a == b and a.prefill_worker_id == "p1" and a.decode_worker_id == "d0"
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    n=st.integers(1, 20_000),
+    q_p=st.lists(st.sampled_from([0, 100, 2000, 9000]), min_size=1, max_size=3),
+    q_d=st.sampled_from([0, 50, 3000]),
+    margin=st.sampled_from([0.0, 2.0, 20.0]),
+)
+def test_context_ttft_matches_the_cost_model_oracle(n, q_p, q_d, margin):
+    """For any queues: remote iff min_p T(p) + margin < T(local), with T straight from the cost model."""
+    router = _ctx_router(margin)
+    prefills = [prefill(f"p{i}", queued_prefill_tokens=q) for i, q in enumerate(q_p)]
+    snap = snapshot(*prefills, decode("d0", queued_prefill_tokens=q_d))
+    remote = min((ttft_remote_ms(n, queued=q), f"p{i}") for i, q in enumerate(q_p))
+    local = ttft_local_ms(n, queued=q_d)
+    d = router.route(req(n), snap)
+    if remote[0] + margin < local:
+        assert d.reason is RouteReason.REMOTE_FASTER and d.prefill_worker_id == remote[1]
+        assert d.predicted_ttft_ms == pytest.approx(remote[0])
+    else:
+        assert d.reason is RouteReason.LOCAL_FASTER and d.local_prefill
+        assert d.predicted_ttft_ms == pytest.approx(local)
+
+
+@functools.cache
+def _ctx_router(margin: float) -> Router:
+    return Router(make_config(routing={"kind": "context-ttft", "remote_margin_ms": margin}), cost_model())
