@@ -8,8 +8,10 @@ keys are then checked only for being non-empty).
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
@@ -46,16 +48,28 @@ class Problem:
         return f"{where}: {self.message}"
 
 
+_CATALOG_MEMO: dict[tuple[Any, ...], Any] = {}
+
+
 def _load_catalog() -> Any | None:
-    """The hardware catalog if the cost helper's loader is importable, else None (tolerant)."""
+    """The hardware catalog if it loads, else None (tolerant). Memoised until a catalog file changes."""
     try:
-        from orchestrator.core.hardware import HardwareCatalog  # type: ignore[import-not-found]
+        from orchestrator.core.hardware import CATALOG_ENV, DEFAULT_CATALOG_DIR, HardwareCatalog
     except ImportError:
         return None
+    where = Path(os.environ.get(CATALOG_ENV) or DEFAULT_CATALOG_DIR)
     try:
-        return HardwareCatalog.load_default()
-    except Exception:
+        files = sorted(where.glob("*.yaml")) if where.is_dir() else [where]
+        key = (str(where), *((str(f), f.stat().st_mtime_ns) for f in files))
+    except OSError:
         return None
+    if key not in _CATALOG_MEMO:
+        try:
+            _CATALOG_MEMO.clear()
+            _CATALOG_MEMO[key] = HardwareCatalog.load_default()
+        except Exception:
+            return None
+    return _CATALOG_MEMO[key]
 
 
 def _catalog_keys(catalog: Any) -> list[str] | None:

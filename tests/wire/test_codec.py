@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import zlib
+
 import msgpack
 import pytest
 
 from tests.wire.fakes import make_layout
 from workers.kv_payload import KVLayoutMismatch
 from workers.kv_transfer import control
+from workers.kv_transfer.checksum import crc32c, crc32c_pure
 from workers.kv_transfer.errors import ChecksumError, FrameError
 from workers.kv_transfer.fp8 import WireDtype
 from workers.kv_transfer.wire import (
+    CHECKSUM_ALGORITHM,
     PREFIX,
     PROTOCOL_VERSION,
     ChunkFrame,
@@ -22,22 +26,22 @@ from workers.kv_transfer.wire import (
     encode_open,
 )
 
-# Golden frames of protocol 1. If one of these changes, the wire changed: bump PROTOCOL_VERSION,
+# Golden frames of protocol 2. If one of these changes, the wire changed: bump PROTOCOL_VERSION,
 # add a line to its history, update docs/wire-format.md, then these literals.
 GOLDEN_FINISH = (
-    "544b5646000103000000002885a3726964a57265712d31a373657103a566697273742aa76e6368756e6b7303a66e627974657364"
+    "544b5646000203000000002885a3726964a57265712d31a373657103a566697273742aa76e6368756e6b7303a66e627974657364"
 )
 GOLDEN_CHUNK = (
-    "544b564600010200000000548aa3726964a57265712d31a373657100a36c6179920102a3746f6b920002a26474a665346d33666e"
-    "a57363616c65aa746f6b656e5f68656164a2627310a36c656e9408080808a3637263ce893ac8b8a3656f70c3"
+    "544b564600020200000000548aa3726964a57265712d31a373657100a36c6179920102a3746f6b920002a26474a665346d33666e"
+    "a57363616c65aa746f6b656e5f68656164a2627310a36c656e9408080808a3637263cea3a2b9cfa3656f70c3"
     "000102030405060708090a0b0c0d0e0f00000000000000000000000000000000"
 )
 GOLDEN_OPEN = (
-    "544b564600010100000000718ba3726964a57265712d31a468617368d9206162616261626162616261626162616261626162"
+    "544b564600020100000000718ba3726964a57265712d31a468617368d9206162616261626162616261626162616261626162"
     "616261626162616261626162a26474a462663136a57363616c65a46e6f6e65a46e746f6b02a46e6c617903a5686561647302"
-    "a46864696d10a2627310a4706c656e08a3637263cec6e4abbc050000002c010000"
+    "a46864696d10a2627310a4706c656e08a3637263ce1b0b9920050000002c010000"
 )
-GOLDEN_HASH_V1 = "19326c3295975a31b28e90cdf48601ef"
+GOLDEN_HASH = "081ebcabd6a17c6874fc519e7d964f0a"  # protocol 2 (protocol 1: 19326c3295975a31b28e90cdf48601ef)
 
 
 def _chunk() -> bytes:
@@ -45,8 +49,32 @@ def _chunk() -> bytes:
     return encode_chunk("req-1", 0, 1, 0, 2, WireDtype.E4M3FN, sections, True, 16)
 
 
-def test_protocol_version_is_1():
-    assert PROTOCOL_VERSION == 1
+def test_protocol_version_is_2_with_crc32c():
+    assert PROTOCOL_VERSION == 2
+    assert CHECKSUM_ALGORITHM == "crc32c"
+
+
+def test_crc32c_matches_the_rfc3720_check_value_and_the_pure_reference():
+    assert crc32c(b"123456789") == crc32c_pure(b"123456789") == 0xE3069283
+    data = bytes(range(256)) * 41 + b"tail"
+    assert crc32c(data) == crc32c_pure(data) != zlib.crc32(data)
+    assert crc32c(data[1000:], crc32c(data[:1000])) == crc32c(data)  # sections chain without a join
+
+
+def test_chunk_crc_field_is_crc32c_of_the_payload():
+    raw = _chunk()
+    c = decode_frame(raw)
+    assert isinstance(c, ChunkFrame)
+    payload = bytes(range(16)) + bytes(16)
+    assert bytes(c.payload) == payload
+    assert c.checksum == crc32c_pure(payload) != zlib.crc32(payload)
+
+
+def test_protocol_1_frames_are_rejected():
+    raw = bytearray(_chunk())
+    raw[4:6] = b"\x00\x01"
+    with pytest.raises(FrameError, match="protocol version 1 not supported"):
+        decode_frame(bytes(raw))
 
 
 def test_golden_bytes():
@@ -69,11 +97,11 @@ def test_golden_frames_decode_to_their_fields():
 
 def test_compat_hash_is_stable_and_covers_version_and_every_factor():
     lay = make_layout()
-    assert lay.compat_hash(PROTOCOL_VERSION) == GOLDEN_HASH_V1
-    assert lay.compat_hash(PROTOCOL_VERSION + 1) != GOLDEN_HASH_V1
+    assert lay.compat_hash(PROTOCOL_VERSION) == GOLDEN_HASH
+    assert lay.compat_hash(PROTOCOL_VERSION + 1) != GOLDEN_HASH
     for change in [dict(model_fingerprint="other"), dict(num_layers=4), dict(num_kv_heads=4), dict(head_dim=32),
                    dict(rope_theta=500000.0), dict(rope_scaling=(("factor", 8.0),))]:
-        assert make_layout(**change).compat_hash(PROTOCOL_VERSION) != GOLDEN_HASH_V1, change
+        assert make_layout(**change).compat_hash(PROTOCOL_VERSION) != GOLDEN_HASH, change
 
 
 def test_layout_round_trips_through_the_handshake_body():
@@ -94,7 +122,7 @@ def test_mismatch_message_names_each_factor():
     [
         (lambda b: b[:5], "truncated frame"),
         (lambda b: b"XXXX" + b[4:], "bad magic"),
-        (lambda b: b[:4] + b"\x00\x02" + b[6:], "protocol version 2"),
+        (lambda b: b[:4] + b"\x00\x03" + b[6:], "protocol version 3"),
         (lambda b: b[:6] + b"\x09" + b[7:], "unknown frame kind"),
         (lambda b: b[:7] + b"\x01" + b[8:], "unknown flags"),
         (lambda b: b[:8] + b"\xff\xff\xff\xff" + b[12:], "header length"),
@@ -122,7 +150,7 @@ def _with_header(**changes) -> bytes:
     header = msgpack.unpackb(raw[PREFIX.size : PREFIX.size + hlen])
     header.update(changes)
     hdr = msgpack.packb(header)
-    return PREFIX.pack(b"TKVF", 1, 2, 0, len(hdr)) + hdr + raw[PREFIX.size + hlen :]
+    return PREFIX.pack(b"TKVF", PROTOCOL_VERSION, 2, 0, len(hdr)) + hdr + raw[PREFIX.size + hlen :]
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,7 @@ from workers.kv_transfer.errors import (
 from workers.kv_transfer.fp8 import WireDtype
 from workers.kv_transfer.sender import encode_payload
 from workers.kv_transfer.server import KVTransferServer
-from workers.kv_transfer.wire import encode_finish, encode_open
+from workers.kv_transfer.wire import PROTOCOL_VERSION, encode_finish, encode_open
 
 ROOT = Path(__file__).resolve().parents[2]
 N = 40
@@ -46,7 +46,7 @@ def wait_for(cond, timeout_s: float = 10.0) -> None:
 def raw_frames(layout, rid="r", kv_dtype=KVDtype.FP8_E4M3, chunk_bytes=1024) -> list[bytes]:
     """A valid OPEN, CHUNK..., FINISH sequence."""
     wire = WireDtype.E4M3FN if kv_dtype is KVDtype.FP8_E4M3 else WireDtype.BF16
-    frames = [encode_open(rid, layout.compat_hash(1), wire, N, layout.num_layers, layout.num_kv_heads,
+    frames = [encode_open(rid, layout.compat_hash(PROTOCOL_VERSION), wire, N, layout.num_layers, layout.num_kv_heads,
                           layout.head_dim, PROMPT)]
     nbytes = 0
     for p in make_payloads(layout, kv_dtype, N):

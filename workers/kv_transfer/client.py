@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -31,6 +32,8 @@ from workers.kv_transfer.security import (
 from workers.kv_transfer.sender import DEFAULT_CHUNK_BYTES, KVStream
 from workers.kv_transfer.server import channel_options
 from workers.kv_transfer.wire import DEFAULT_MAX_FRAME_BYTES, MAX_HEADER_BYTES, PROTOCOL_VERSION
+
+DEFAULT_PREFETCH_FRAMES = 2  # frames framed ahead of gRPC's send (see GrpcKVStream)
 
 _BY_CODE = {
     grpc.StatusCode.UNAUTHENTICATED: TransferAuthError,
@@ -137,11 +140,19 @@ class KVTransferClient:
 
 
 class GrpcKVStream(KVStream):
-    """A PushKV call fed from a queue bounded in bytes (flow control on the sender)."""
+    """A PushKV call fed from a queue bounded in bytes (flow control on the sender).
+
+    Two threads work for it: a framer thread turns queued payloads into frames (CRC32C, header, one
+    join) and keeps up to `prefetch_frames` of them ready, while gRPC's request-consumer thread
+    hands the previous one to the transport and waits for it to be sent. gRPC sends one message at a
+    time and waits for each, so without the framer, checksumming frame i+1 could not overlap sending
+    frame i. Memory held: max_queue_bytes of payloads (+ the one being framed) + prefetch_frames frames.
+    """
 
     def __init__(
         self, client: KVTransferClient, request_id: str, layout: KVLayout, kv_dtype: KVDtype,
-        prompt_token_ids: Sequence[int], *, deadline_s: float, max_queue_bytes: int, **kw,
+        prompt_token_ids: Sequence[int], *, deadline_s: float, max_queue_bytes: int,
+        prefetch_frames: int = DEFAULT_PREFETCH_FRAMES, **kw,
     ) -> None:
         super().__init__(request_id, layout, kv_dtype, prompt_token_ids, **kw)
         self.deadline = time.monotonic() + deadline_s
@@ -152,31 +163,75 @@ class GrpcKVStream(KVStream):
         )
         self._qbytes = len(self._open_frame)
         self._cv = threading.Condition()
+        # frames ready for gRPC: bytes, the framer's exception, or None (end of stream)
+        self._frames: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=max(1, int(prefetch_frames)))
+        self._stop = threading.Event()
+        self._future: grpc.Future | None = None
+        self._framer = threading.Thread(target=self._frame_loop, name="kv-tx-framer", daemon=True)
+        self._framer.start()
         self._future = client._push.future(self._requests(), timeout=deadline_s, metadata=client._md)
 
     @property
     def queued_bytes(self) -> int:
-        """Payload bytes queued and not yet fully handed to gRPC (bounded by max_queue_bytes + one payload)."""
+        """Payload bytes queued and not yet fully framed (bounded by max_queue_bytes + one payload)."""
         return self._qbytes
 
+    def _ended(self) -> bool:
+        return self._stop.is_set() or (self._future is not None and self._future.done())
+
+    def _put(self, item: bytes | BaseException | None) -> bool:
+        """Hand a frame to gRPC's thread; False when the stream ended meanwhile (nobody will take it)."""
+        while not self._ended():
+            try:
+                self._frames.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _frame_loop(self) -> None:
+        """The framer thread: payloads -> frames, ahead of gRPC's sends (GIL released in CRC32C)."""
+        try:
+            while True:
+                with self._cv:
+                    while not self._q:
+                        if self._ended():  # the call failed or was aborted: nothing more to frame
+                            return
+                        self._cv.wait(timeout=0.05)
+                    item = self._q.popleft()
+                if item is None:
+                    break
+                if isinstance(item, bytes):
+                    if not self._put(item):
+                        return
+                    cost = len(item)
+                else:
+                    payload, first_seq, cost = item
+                    for frame in self.frames_of(payload, first_seq):
+                        if not self._put(frame):
+                            return
+                with self._cv:
+                    self._qbytes -= cost
+                    self._cv.notify_all()
+        except BaseException as e:  # surfaces in gRPC's iterator: the call fails instead of hanging
+            self._put(e)
+            return
+        self._put(None)
+
     def _requests(self) -> Iterator[bytes]:
-        """Runs on gRPC's request-consumer thread: frames payloads here, off the caller's thread."""
+        """Runs on gRPC's request-consumer thread: yields the framer's frames in order."""
         while True:
-            with self._cv:
-                while not self._q:
-                    self._cv.wait()
-                item = self._q.popleft()
+            try:
+                item = self._frames.get(timeout=0.05)
+            except queue.Empty:
+                if self._stop.is_set():
+                    return
+                continue
             if item is None:
                 return
-            if isinstance(item, bytes):
-                yield item
-                cost = len(item)
-            else:
-                payload, first_seq, cost = item
-                yield from self.frames_of(payload, first_seq)
-            with self._cv:
-                self._qbytes -= cost
-                self._cv.notify_all()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
 
     def _error(self) -> TandemError:
         try:
@@ -218,7 +273,9 @@ class GrpcKVStream(KVStream):
 
     def abort(self) -> None:
         self.closed = True
-        self._future.cancel()
+        self._stop.set()  # the framer and gRPC's iterator both return within 50 ms
+        if self._future is not None:
+            self._future.cancel()
         with self._cv:
             self._q.clear()  # the item being framed right now (if any) still subtracts its cost
             self._q.append(None)

@@ -8,7 +8,7 @@ Every gRPC message of the `PushKV` stream is one frame (docs/wire-format.md is t
     payload raw bytes, the concatenation of the sections whose lengths the header lists
 
 `decode_frame` trusts nothing: every size, count and offset is checked against the frame itself
-before anything is sliced, and a chunk's payload against its crc32. Checks that need the
+before anything is sliced, and a chunk's payload against its CRC32C (`checksum.py`). Checks that need the
 reservation (layer count, heads, token order) are the receiver's (`receiver.py`).
 """
 
@@ -16,20 +16,24 @@ from __future__ import annotations
 
 import enum
 import struct
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
+from workers.kv_transfer.checksum import crc32c
 from workers.kv_transfer.errors import ChecksumError, FrameError
 from workers.kv_transfer.fp8 import WireDtype
 
 # Protocol version history (bump on any change to frames, headers or the compat hash inputs):
 #   1  2026-11-22  first version: OPEN / CHUNK / FINISH frames; one layer per chunk; crc32 (zlib)
 #                  over each chunk's payload; per-(token, KV head) float32 scales.
-PROTOCOL_VERSION = 1
+#   2  2026-11-22  the `crc` fields (OPEN and CHUNK) are CRC32C (Castagnoli, RFC 3720) instead of
+#                  zlib's crc32: hardware-accelerated (~10x faster here), stdlib crc32 was the
+#                  throughput bound. Frames, headers and sections otherwise unchanged.
+PROTOCOL_VERSION = 2
+CHECKSUM_ALGORITHM = "crc32c"  # what the `crc` header fields hold in this protocol version
 
 MAGIC = b"TKVF"
 PREFIX = struct.Struct(">4sHBBI")
@@ -73,7 +77,7 @@ class ChunkFrame:
     request_id: str
     seq: int
     layer_start: int
-    layer_end: int  # exclusive; protocol 1 requires layer_end == layer_start + 1
+    layer_end: int  # exclusive; protocols 1-2 require layer_end == layer_start + 1
     token_start: int
     token_end: int  # exclusive
     wire_dtype: WireDtype
@@ -125,7 +129,7 @@ def encode_open(
     header = {
         "rid": request_id, "hash": compat_hash, "dt": wire_dtype.value, "scale": scale.value,
         "ntok": num_tokens, "nlay": num_layers, "heads": num_kv_heads, "hdim": head_dim,
-        "bs": src_block_size, "plen": len(ids), "crc": zlib.crc32(ids),
+        "bs": src_block_size, "plen": len(ids), "crc": crc32c(ids),
     }
     return _pack(FrameKind.OPEN, header, [ids])
 
@@ -144,7 +148,7 @@ def encode_chunk(
     """CHUNK frame carrying sections [k, v, k_scale, v_scale] (scales empty for bf16)."""
     crc = 0
     for s in sections:
-        crc = zlib.crc32(s, crc)
+        crc = crc32c(s, crc)
     scale = ScaleLayout.PER_TOKEN_HEAD if wire_dtype.is_fp8 else ScaleLayout.NONE
     header = {
         "rid": request_id, "seq": seq, "lay": [layer, layer + 1], "tok": [token_start, token_end],
@@ -262,7 +266,7 @@ def _decode_open(h: dict[str, Any], rid: str, payload: memoryview) -> OpenFrame:
     plen = get_int(h, "plen", 0, 4 * MAX_TOKENS)
     if plen != len(payload) or plen != 4 * ntok:
         raise FrameError(f"open frame: {len(payload)} payload bytes, header says {plen}, {ntok} tokens need {4 * ntok}")
-    if zlib.crc32(payload) != get_int(h, "crc", 0, 0xFFFFFFFF):
+    if crc32c(payload) != get_int(h, "crc", 0, 0xFFFFFFFF):
         raise ChecksumError(f"open frame of {rid!r}: prompt token ids fail their checksum")
     wire = _get_enum(h, "dt", WireDtype)
     scale = _get_enum(h, "scale", ScaleLayout)
@@ -290,7 +294,7 @@ def _check_scale_layout(wire: WireDtype, scale: ScaleLayout) -> None:
 def _decode_chunk(h: dict[str, Any], rid: str, payload: memoryview) -> ChunkFrame:
     layer_start, layer_end = _get_range(h, "lay", MAX_LAYERS)
     if layer_end != layer_start + 1:
-        raise FrameError(f"chunk: layer range [{layer_start}, {layer_end}) must hold exactly one layer in protocol 1")
+        raise FrameError(f"chunk: layer range [{layer_start}, {layer_end}) must hold exactly one layer in protocol {PROTOCOL_VERSION}")
     token_start, token_end = _get_range(h, "tok", MAX_TOKENS)
     wire = _get_enum(h, "dt", WireDtype)
     scale = _get_enum(h, "scale", ScaleLayout)
@@ -308,7 +312,7 @@ def _decode_chunk(h: dict[str, Any], rid: str, payload: memoryview) -> ChunkFram
     if not isinstance(eop, bool):
         raise FrameError("chunk: field 'eop' must be a boolean")
     crc = get_int(h, "crc", 0, 0xFFFFFFFF)
-    if zlib.crc32(payload) != crc:
+    if crc32c(payload) != crc:
         raise ChecksumError(f"chunk of {rid!r} layer {layer_start} tokens [{token_start}, {token_end}): checksum mismatch")
     return ChunkFrame(
         request_id=rid,

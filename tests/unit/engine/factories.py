@@ -94,6 +94,11 @@ def hf_checkpoint(
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0.0, 0.5)
+    elif arch == "mistral":
+        from transformers import MistralConfig, MistralForCausalLM
+
+        model = MistralForCausalLM(MistralConfig(
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, sliding_window=None, **common))
     else:
         raise ValueError(arch)
     with torch.no_grad():  # non-trivial norm weights

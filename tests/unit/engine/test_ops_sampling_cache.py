@@ -107,6 +107,7 @@ def test_engine_seeded_sampling_repeats_and_seeds_differ():
     assert a == b and a != eng.generate([p], s2)[0] and a != eng.generate([p], greedy(12))[0]
 
 
+@pytest.mark.slow  # ~6-10 s: the 1B shape's 128256 x 2048 embedding is generated even with one layer
 def test_bf16_compute_and_shape_preset_build_lazily():
     eng = make_engine(dtype="bf16", model="llama-3.2-1b-shape", num_layers=1, num_blocks=4, max_model_len=64)
     assert eng.model_config.vocab_size == 128256 and eng.model_config.num_layers == 1

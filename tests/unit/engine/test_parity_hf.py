@@ -12,6 +12,7 @@ CASES = [
     pytest.param("llama", True, True, id="llama-tied-llama3rope"),
     pytest.param("llama", False, False, id="llama-untied-defaultrope"),
     pytest.param("qwen2", False, False, id="qwen2-qkv-bias"),
+    pytest.param("mistral", False, False, id="mistral"),
 ]
 
 

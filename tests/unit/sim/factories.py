@@ -33,8 +33,9 @@ def make_spec(**over: Any) -> TandemConfig:
     return parse_config(raw, "<test>")
 
 
-def make_sim(config: TandemConfig | None = None, **options: Any) -> Simulator:
-    return build_simulation(config or make_spec(), options=SimOptions(**options))
+def make_sim(config: TandemConfig | None = None, cost_model: Any = None, **options: Any) -> Simulator:
+    """A simulator over the real core (a fresh cost model unless one is given)."""
+    return build_simulation(config or make_spec(), cost_model=cost_model, options=SimOptions(**options))
 
 
 def make_requests(specs: list[tuple[float, int, int]]) -> list[SimRequest]:
