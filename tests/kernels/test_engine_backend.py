@@ -89,3 +89,54 @@ def test_engine_on_cuda_uses_kernels_and_matches_reference():
     out = fast.generate([prompt, prompt[:7]], SamplingParams(max_tokens=8))
     assert [len(o) for o in out] == [8, 8]
     fast.assert_no_leaks()
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+@pytest.mark.parametrize("kv_dtype", [KVDtype.FP8_E4M3, KVDtype.BF16], ids=lambda k: k.value)
+def test_rope_kv_write_adapter_matches_engine_reference(dev, kv_dtype, gen):
+    """RoPE + K/V write in one launch vs the engine's torch op (apply_rope, then kv_write); slot -1 is skipped."""
+    R = ops.REFERENCE_OPS
+    T, Hq, Hkv, D, bs, nb = 5, 4, 2, 32, 8, 6
+    store = torch.float8_e4m3fn if kv_dtype is KVDtype.FP8_E4M3 else torch.bfloat16
+    qkv = torch.randn(T, (Hq + 2 * Hkv) * D, generator=gen).to(torch.bfloat16).to(dev)
+    pos = torch.tensor([0, 7, 8, 300, 1023], device=dev)
+    inv_freq = (1.0 / 10000 ** (torch.arange(0, D, 2).float() / D)).to(dev)
+    slots = torch.tensor([3, 17, -1, 40, 9], device=dev)
+    caches = {}
+    for name in ("mine", "ref"):
+        kv = [torch.zeros(nb, bs, Hkv, D, device=dev).to(store) for _ in range(2)]
+        sc = [torch.zeros(nb, bs, Hkv, device=dev) for _ in range(2)] if store != torch.bfloat16 else [None, None]
+        caches[name] = kv + sc
+    q = eb.rope_kv_write(qkv, pos, inv_freq, Hq, slots, *caches["mine"], kv_dtype)
+    keep = slots >= 0
+    q_ref = R.rope_kv_write(qkv[keep], pos[keep], inv_freq, Hq, slots[keep], *caches["ref"], kv_dtype)
+    assert q.shape == (T, Hq, D)
+    assert rel_err(q[keep], q_ref) < 8e-3  # the reference rounds cos/sin to bf16; the kernel keeps float32
+    for mine, ref in zip(caches["mine"], caches["ref"], strict=True):
+        if mine is not None:
+            assert rel_err(mine.float(), ref.float()) < 0.03
+    for cache in caches["mine"][:2]:  # exactly the kept slots hold data: slot -1 wrote nothing
+        written = cache.float().reshape(-1, Hkv * D).abs().sum(-1).nonzero().flatten().tolist()
+        assert sorted(written) == sorted(slots[keep].tolist())
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_residual_norm_adapters_match_engine_reference(dev, gen):
+    R = ops.REFERENCE_OPS
+    f8 = torch.float8_e4m3fn
+    x = torch.randn(6, 128, generator=gen).to(torch.bfloat16).to(dev)
+    res = (4 * torch.randn(6, 128, generator=gen)).to(torch.bfloat16).to(dev)
+    w = (1 + 0.1 * torch.randn(128, generator=gen)).to(torch.bfloat16).to(dev)
+    (y, h), (yr, hr) = eb.add_rms_norm(x, res, w, 1e-5), R.add_rms_norm(x, res, w, 1e-5)
+    assert rel_err(h, hr) < 1e-3 and rel_err(y, yr) < 8e-3
+    q, s, h2 = eb.add_rms_norm_quant(x, res, w, 1e-5, f8)
+    qr, sr, _ = R.add_rms_norm_quant(x, res, w, 1e-5, f8)
+    assert s.shape == sr.shape == (6, 1) and rel_err(h2, hr) < 1e-3
+    assert rel_err(q.float() * s, qr.float() * sr) < 0.03
+
+
+def test_backend_is_registered_graph_safe():
+    assert eb.register() is True
+    table = ops.get_ops("cpu", backend=eb.BACKEND_NAME)
+    assert table.graph_safe and table.rope_kv_write is eb.rope_kv_write
+    assert not ops.REFERENCE_OPS.graph_safe

@@ -25,6 +25,12 @@ def test_bench_cli_tiny_run_writes_json(tmp_path, capsys):
     assert rows["fp8_e4m3"]["bytes_per_token"] == 2 * 2 * 2 * (16 + 4)
     for r in rows.values():
         assert r["grpc_gbps"] > 0 and r["raw_tcp_gbps"] > 0 and 0 <= r["hidden_fraction"] <= 1
+        assert r["bare_grpc_gbps"] > 0 and r["frame_gbps"] > 0 and r["receive_gbps"] > 0
+        assert r["receive_no_value_checks_gbps"] > 0
+        for kind in ("grpc", "bare_grpc", "raw_tcp"):
+            assert r[f"{kind}_sender_cpu_s_per_gb"] >= 0 and r[f"{kind}_receiver_cpu_s_per_gb"] >= 0
+    assert result["versions"]["checksum"].startswith("crc32c via ")
+    assert "bare gRPC" in printed and "framing" in printed and "cpu s/GB" in printed
 
 
 def test_bench_rejects_bad_arguments(capsys):

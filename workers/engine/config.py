@@ -25,6 +25,11 @@ class EngineConfig:
     max_model_len: context length cap (prompt + generated); None = the model's own limit.
     calibration_prompts: token-id lists for the fp8-static calibration pass; None = a built-in text set.
     ops_backend: force an ops backend by name (`reference` = plain torch); None = best registered for the device.
+    cuda_graphs: on CUDA with a graph-safe ops backend, replay decode steps as CUDA graphs (see cuda_graphs.py);
+        ignored elsewhere.
+    init_on_device: random-weight presets only: draw the weights on the device, in the compute dtype (fast,
+        no host copy; a different draw from the default host one, so engines must agree on this flag to
+        exchange KV). For benchmarks of large shapes.
     """
 
     model: str = "tiny"
@@ -42,6 +47,8 @@ class EngineConfig:
     calibration_prompts: tuple[tuple[int, ...], ...] | list[list[int]] | None = None
     num_layers: int | None = None
     ops_backend: str | None = None
+    cuda_graphs: bool = True
+    init_on_device: bool = False
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field (called by Engine before it allocates anything)."""

@@ -17,8 +17,9 @@ from collections.abc import Callable
 
 import torch
 
-from orchestrator.core.types import ComputeDtype, FinishReason, KVDtype, LinearMode, SamplingParams
+from orchestrator.core.types import ComputeDtype, FinishReason, KVDtype, LinearMode, Rounding, SamplingParams
 from workers.engine.config import EngineConfig, TokenOutput
+from workers.engine.cuda_graphs import DecodeGraphs
 from workers.engine.errors import (
     DuplicateRequest,
     EngineCapacityError,
@@ -52,7 +53,8 @@ class Engine(KVImportMixin):
         cfg = config.normalized()
         self.config = cfg
         self.device = torch.device(cfg.device)
-        loaded = load_model(cfg.model, cfg.seed, cfg.num_layers, cfg.device)
+        init_dtype = _COMPUTE_DTYPES[cfg.dtype] if cfg.init_on_device else None
+        loaded = load_model(cfg.model, cfg.seed, cfg.num_layers, cfg.device, init_dtype)
         self.model_config = mc = loaded.config
         self.tokenizer = loaded.tokenizer
         self.ops = get_ops(self.device, cfg.ops_backend)
@@ -85,6 +87,16 @@ class Engine(KVImportMixin):
         self._gen_counter = 0
         if cfg.linear_mode is LinearMode.FP8_STATIC:
             self._calibrate(cfg.calibration_prompts)
+        self._graphs: DecodeGraphs | None = None
+        if (cfg.cuda_graphs and self.device.type == "cuda" and self.ops.graph_safe
+                and cfg.linear_mode in (LinearMode.BF16, LinearMode.FP8_DYNAMIC) and cfg.rounding is Rounding.NEAREST):
+            self._graphs = DecodeGraphs(self.model, self.cache, cfg.max_batch_size,
+                                        blocks_for(self.max_model_len, cfg.block_size), self.device)
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        """True when decode steps are replayed as CUDA graphs (see cuda_graphs.py)."""
+        return self._graphs is not None and not self._graphs.failed
 
     # ---- identity --------------------------------------------------------------------------------
     @property
@@ -275,14 +287,26 @@ class Engine(KVImportMixin):
         pos_t = torch.tensor(positions, dtype=torch.int64)
         slots = tables[torch.arange(len(seqs)), pos_t // self.block_size] * self.block_size + pos_t % self.block_size
         tokens = torch.tensor([s.last_token for s in seqs], dtype=torch.int64)
-        dev = self.device
-        logits = self.model.decode(
-            tokens.to(dev), pos_t.to(dev), self.cache, slots.to(dev), tables.to(dev), (pos_t + 1).to(dev)
-        )
+        logits = None
+        if self._graphs is not None and self._graphs.fits(len(seqs), width):
+            try:
+                logits = self._graphs.run(tokens, pos_t, slots, tables, pos_t + 1)
+            except Exception:  # a capture that fails disables graphs; this step runs eagerly
+                log.exception("CUDA graph capture/replay failed; decoding eagerly from now on")
+                self._graphs.failed = True
+        if logits is None:
+            dev = self.device
+            logits = self.model.decode(
+                tokens.to(dev), pos_t.to(dev), self.cache, slots.to(dev), tables.to(dev), (pos_t + 1).to(dev)
+            )
+        if all(s.sampling.greedy for s in seqs):  # one device→host transfer for the whole batch
+            picks = logits.argmax(dim=-1).tolist()
+        else:
+            picks = [self._sample(logits[i], s) for i, s in enumerate(seqs)]
         out = []
-        for i, s in enumerate(seqs):
+        for s, tok in zip(seqs, picks, strict=True):
             s.num_cached += 1
-            out.append(self._append(s, self._sample(logits[i], s)))
+            out.append(self._append(s, int(tok)))
         return out
 
     # ---- conveniences ----------------------------------------------------------------------------

@@ -52,10 +52,16 @@ def _fingerprint(cfg: ModelConfig, identity: str) -> str:
     return hashlib.sha256(blob).hexdigest()[:32]
 
 
-def load_model(model: str, seed: int = 0, num_layers: int | None = None, device: str = "cpu") -> LoadedModel:
+def load_model(
+    model: str,
+    seed: int = 0,
+    num_layers: int | None = None,
+    device: str = "cpu",
+    init_dtype: torch.dtype | None = None,
+) -> LoadedModel:
     """Load a preset (random weights from `seed`) or a local checkpoint directory."""
     if model in PRESETS:
-        return _load_preset(PRESETS[model], seed, num_layers, torch.device(device))
+        return _load_preset(PRESETS[model], seed, num_layers, torch.device(device), init_dtype)
     path = Path(model)
     if not path.is_dir():
         known = ", ".join(sorted(PRESETS))
@@ -68,7 +74,9 @@ def load_model(model: str, seed: int = 0, num_layers: int | None = None, device:
     return _load_dir(path, torch.device(device))
 
 
-def _load_preset(shape: ModelShape, seed: int, num_layers: int | None, device: torch.device) -> LoadedModel:
+def _load_preset(
+    shape: ModelShape, seed: int, num_layers: int | None, device: torch.device, init_dtype: torch.dtype | None
+) -> LoadedModel:
     tok = ByteTokenizer()
     layers = num_layers if num_layers is not None else shape.num_layers
     cfg = ModelConfig(
@@ -89,15 +97,23 @@ def _load_preset(shape: ModelShape, seed: int, num_layers: int | None, device: t
         bos_token_id=tok.bos_token_id,
         eos_token_ids=(ByteTokenizer.EOS,),
     )
-    weights = random_weights(cfg, seed, device)
+    weights = random_weights(cfg, seed, device, init_dtype)
     return LoadedModel(cfg, weights, tok, _fingerprint(cfg, f"random-seed:{seed}"))
 
 
-def random_weights(cfg: ModelConfig, seed: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Deterministic random weights: linears N(0, 1/fan_in), embeddings N(0, 1), norms ≈ 1."""
-    g = torch.Generator().manual_seed(seed)
+def random_weights(
+    cfg: ModelConfig, seed: int, device: torch.device, init_dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """Deterministic random weights: linears N(0, 1/fan_in), embeddings N(0, 1), norms ≈ 1.
+
+    init_dtype None: drawn on the host in float32 (the same weights on every device). Otherwise drawn on
+    `device` directly in init_dtype (large shapes on a GPU; a different, device-specific draw)."""
+    on_device = init_dtype is not None
+    g = torch.Generator(device=device if on_device else "cpu").manual_seed(seed)
 
     def normal(shape: tuple[int, ...], std: float) -> torch.Tensor:
+        if on_device:
+            return torch.randn(shape, generator=g, device=device, dtype=init_dtype).mul_(std)
         return (torch.randn(shape, generator=g) * std).to(device)
 
     h, hd = cfg.hidden_size, cfg.head_dim

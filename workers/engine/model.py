@@ -20,7 +20,7 @@ import torch
 
 from orchestrator.core.types import FP8Format, KVDtype, LinearMode, Rounding
 from workers.engine import fp8 as fp8q
-from workers.engine.ops import Ops
+from workers.engine.ops import Ops, apply_rope
 
 
 @dataclass(frozen=True)
@@ -68,11 +68,6 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
         is_mid = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
         return torch.where(is_mid, blended, scaled)
     raise ValueError(f"unsupported rope scaling type {kind!r} (supported: default, linear, llama3)")
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat((-b, a), dim=-1)
 
 
 class Linear:
@@ -210,41 +205,64 @@ class LlamaModel:
         return [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
 
     # ---- shared pieces -------------------------------------------------------------------------
-    def _rope(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float().unsqueeze(-1) * self.inv_freq.unsqueeze(0)  # [T, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(q.dtype).unsqueeze(1), emb.sin().to(q.dtype).unsqueeze(1)  # [T, 1, D]
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    # The residual stream is carried as (x, pending): the next norm adds `pending` (a layer's output)
+    # into x itself (`add_rms_norm*`), so the residual add fuses into the norm on kernel backends.
+    def _norm_in(
+        self, x: torch.Tensor, pending: torch.Tensor | None, weight: torch.Tensor, lin: Linear
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(normed input or its FP8 (q, scale) for `lin`, the updated residual x)."""
+        eps = self.cfg.rms_norm_eps
+        if lin.fused_dynamic:
+            if pending is None:
+                q, s = self.ops.rms_norm_quant(x, weight, eps, lin.fp8_dtype)
+                return q, s, x
+            return self.ops.add_rms_norm_quant(pending, x, weight, eps, lin.fp8_dtype)
+        if pending is None:
+            return self.ops.rms_norm(x, weight, eps), None, x
+        y, x = self.ops.add_rms_norm(pending, x, weight, eps)
+        return y, None, x
 
-    def _qkv(self, layer: _Layer, x: torch.Tensor, positions: torch.Tensor):  # type: ignore[no-untyped-def]
+    @staticmethod
+    def _apply(lin: Linear, y: torch.Tensor, scale: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
+        return lin(y, positions) if scale is None else lin.from_quantized(y, scale)
+
+    def _qkv_out(
+        self, layer: _Layer, x: torch.Tensor, pending: torch.Tensor | None, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        y, s, x = self._norm_in(x, pending, layer.input_norm, layer.qkv)
+        return self._apply(layer.qkv, y, s, positions), x
+
+    def _split_rope(self, out: torch.Tensor, positions: torch.Tensor):  # type: ignore[no-untyped-def]
         c = self.cfg
-        if layer.qkv.fused_dynamic:
-            qx, sx = self.ops.rms_norm_quant(x, layer.input_norm, c.rms_norm_eps, layer.qkv.fp8_dtype)
-            out = layer.qkv.from_quantized(qx, sx)
-        else:
-            out = layer.qkv(self.ops.rms_norm(x, layer.input_norm, c.rms_norm_eps), positions)
         nq, nk = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         q = out[:, :nq].reshape(-1, c.num_heads, c.head_dim)
         k = out[:, nq : nq + nk].reshape(-1, c.num_kv_heads, c.head_dim)
         v = out[:, nq + nk :].reshape(-1, c.num_kv_heads, c.head_dim)
-        q, k = self._rope(q, k, positions)
+        q, k = apply_rope(q, k, positions, self.inv_freq)
         return q, k, v.contiguous()
 
-    def _finish_layer(self, layer: _Layer, x: torch.Tensor, attn: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        c = self.cfg
-        x = x + layer.o(attn.reshape(attn.shape[0], -1), positions)
+    def _mlp(
+        self, layer: _Layer, x: torch.Tensor, attn: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """o-projection and MLP; returns (the residual x with the attention output added, the MLP output)."""
+        o_out = layer.o(attn.reshape(attn.shape[0], -1), positions)
         if layer.gate_up.fused_dynamic and layer.down.fused_dynamic:
-            qx, sx = self.ops.rms_norm_quant(x, layer.post_norm, c.rms_norm_eps, layer.gate_up.fp8_dtype)
+            qx, sx, x = self.ops.add_rms_norm_quant(o_out, x, layer.post_norm, self.cfg.rms_norm_eps,
+                                                    layer.gate_up.fp8_dtype)
             gu = layer.gate_up.from_quantized(qx, sx)
             qa, sa = self.ops.silu_mul_quant(gu, layer.down.fp8_dtype)
-            return x + layer.down.from_quantized(qa, sa)
-        h = self.ops.rms_norm(x, layer.post_norm, c.rms_norm_eps)
+            return x, layer.down.from_quantized(qa, sa)
+        h, x = self.ops.add_rms_norm(o_out, x, layer.post_norm, self.cfg.rms_norm_eps)
         act = self.ops.silu_mul(layer.gate_up(h, positions))
-        return x + layer.down(act, positions)
+        return x, layer.down(act, positions)
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.ops.rms_norm(x, self.final_norm, self.cfg.rms_norm_eps)
-        return torch.nn.functional.linear(x, self.lm_head).float()
+    def _logits(self, x: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:
+        eps = self.cfg.rms_norm_eps
+        if pending is None:
+            y = self.ops.rms_norm(x, self.final_norm, eps)
+        else:
+            y, _ = self.ops.add_rms_norm(pending, x, self.final_norm, eps)
+        return torch.nn.functional.linear(y, self.lm_head).float()
 
     # ---- forward passes ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -252,13 +270,17 @@ class LlamaModel:
         """token_ids [T] from position 0 → logits [V] of the last token (or [T, V] with all_logits)."""
         positions = torch.arange(token_ids.shape[0], device=token_ids.device)
         x = self.embed[token_ids]
+        pending: torch.Tensor | None = None
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, x, positions)
+            out, x = self._qkv_out(layer, x, pending, positions)
+            q, k, v = self._split_rope(out, positions)
             if on_kv is not None:
                 on_kv(i, k, v)
             attn = self.ops.prefill_attention(q, k, v, self.sm_scale)
-            x = self._finish_layer(layer, x, attn, positions)
-        return self._logits(x) if all_logits else self._logits(x[-1:])[0]
+            x, pending = self._mlp(layer, x, attn, positions)
+        if all_logits:
+            return self._logits(x, pending)
+        return self._logits(x[-1:], None if pending is None else pending[-1:])[0]
 
     @torch.inference_mode()
     def decode(
@@ -270,13 +292,17 @@ class LlamaModel:
         block_tables: torch.Tensor,
         context_lens: torch.Tensor,
     ) -> torch.Tensor:
-        """One token per sequence: token_ids/positions/slots [B] → logits [B, V]; writes KV at `slots`."""
+        """One token per sequence: token_ids/positions/slots [B] → logits [B, V]; writes KV at `slots`.
+
+        No host synchronisation on the way (CUDA-graph capturable when the ops backend is graph-safe)."""
         x = self.embed[token_ids]
         kv_dtype: KVDtype = cache.kv_dtype
+        pending: torch.Tensor | None = None
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, x, positions)
+            out, x = self._qkv_out(layer, x, pending, positions)
             kc, vc, ks, vs = cache.layer(i)
-            self.ops.kv_write(kc, vc, ks, vs, slots, k, v, kv_dtype)
+            q = self.ops.rope_kv_write(out, positions, self.inv_freq, self.cfg.num_heads, slots, kc, vc, ks, vs,
+                                       kv_dtype)
             attn = self.ops.paged_attention_decode(q, kc, vc, ks, vs, block_tables, context_lens, self.sm_scale)
-            x = self._finish_layer(layer, x, attn, positions)
-        return self._logits(x)
+            x, pending = self._mlp(layer, x, attn, positions)
+        return self._logits(x, pending)

@@ -17,6 +17,9 @@ Signatures (shapes in comments; T tokens, H query heads, Hk KV heads, D head dim
     silu_mul(gate_up [T, 2I]) -> [T, I]
     quantize_rows(x [T, K], fp8_dtype) -> (q [T, K], scale [T, 1])     (round-to-nearest, dynamic)
     rms_norm_quant(x [T, h], weight [h], eps, fp8_dtype) -> (q [T, h], scale [T, 1])   (fused producer)
+    add_rms_norm(x [T, h], residual [T, h], weight [h], eps) -> (y [T, h], h_new [T, h])
+        (h_new = residual + x in x's dtype, y = rms_norm(h_new): the residual add fused into the norm)
+    add_rms_norm_quant(x, residual, weight, eps, fp8_dtype) -> (q [T, h], scale [T, 1], h_new [T, h])
     silu_mul_quant(gate_up [T, 2I], fp8_dtype) -> (q [T, I], scale [T, 1])             (fused producer)
     fp8_linear(q [T, K], x_scale [T, 1] | [1], w_q [N, K], w_scale [N] | [1], w_q_compute [N, K] | None,
                bias [N] | None, out_dtype) -> [T, N]
@@ -28,6 +31,14 @@ Signatures (shapes in comments; T tokens, H query heads, Hk KV heads, D head dim
              kv_dtype: KVDtype) -> None                                 (decode: quantize per token per KV head)
     quantize_kv(x [T, Hk, D], kv_dtype) -> (q [T, Hk, D], scale [T, Hk] float32 | None)
         (prefill: the colocated cache write and the KV export both use it, so they store identical bytes)
+    rope_kv_write(qkv [T, (H + 2Hk)·D], positions [T] int64, inv_freq [D/2] float32, num_heads, slots [T] int64,
+                  k_cache, v_cache, k_scale | None, v_scale | None, kv_dtype) -> q [T, H, D]
+        (decode: RoPE on q and k of the fused QKV output, then k/v written as kv_write does; one launch in
+        a kernel backend. Slot -1 = skip the token: backends must honour it, the reference needs slots >= 0)
+
+A backend registered with `graph_safe=True` promises that its decode ops (all of the above that decode
+uses) make no host synchronisation and honour slot -1, so the engine may capture decode steps in CUDA
+graphs with padded batches.
 """
 
 from __future__ import annotations
@@ -50,6 +61,59 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    h = residual + x
+    return rms_norm(h, weight, eps), h
+
+
+def add_rms_norm_quant(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, fp8_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    h = residual + x
+    q, s = fp8q.quantize_per_row(rms_norm(h, weight, eps), fp8_dtype)
+    return q, s, h
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+def apply_rope(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half RoPE on q [T, H, D] and k [T, Hk, D]; angles in float32, cos/sin rounded to q's dtype."""
+    freqs = positions.float().unsqueeze(-1) * inv_freq.unsqueeze(0)  # [T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos().to(q.dtype).unsqueeze(1), emb.sin().to(q.dtype).unsqueeze(1)  # [T, 1, D]
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def rope_kv_write(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    num_heads: int,
+    slots: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+    kv_dtype: KVDtype,
+) -> torch.Tensor:
+    """RoPE on the q and k parts of a fused QKV output, k/v into the cache at `slots`; returns rotated q."""
+    hk, d = k_cache.shape[2], k_cache.shape[3]
+    nq, nk = num_heads * d, hk * d
+    q = qkv[:, :nq].reshape(-1, num_heads, d)
+    k = qkv[:, nq : nq + nk].reshape(-1, hk, d)
+    v = qkv[:, nq + nk :].reshape(-1, hk, d)
+    q, k = apply_rope(q, k, positions, inv_freq)
+    kv_write(k_cache, v_cache, k_scale, v_scale, slots, k, v.contiguous(), kv_dtype)
+    return q
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -175,12 +239,23 @@ def kv_write(
     write_kv_raw(k_cache, v_cache, k_scale, v_scale, slots, kq, vq, ks, vs)
 
 
-def write_kv_raw(k_cache, v_cache, k_scale, v_scale, slots, kq, vq, ks, vs) -> None:  # type: ignore[no-untyped-def]
+def write_kv_raw(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+    slots: torch.Tensor,
+    kq: torch.Tensor,
+    vq: torch.Tensor,
+    ks: torch.Tensor | None,
+    vs: torch.Tensor | None,
+) -> None:
     """Store already-quantized KV (and scales) at flat slots (block * block_size + offset)."""
     hk, d = k_cache.shape[2], k_cache.shape[3]
     k_cache.view(-1, hk, d)[slots] = kq
     v_cache.view(-1, hk, d)[slots] = vq
-    if k_scale is not None:
+    if k_scale is not None and v_scale is not None:
+        assert ks is not None and vs is not None, "fp8 KV needs scales"
         k_scale.view(-1, hk)[slots] = ks
         v_scale.view(-1, hk)[slots] = vs
 
@@ -200,6 +275,10 @@ class Ops:
     paged_attention_decode: Callable[..., torch.Tensor]
     kv_write: Callable[..., None]
     quantize_kv: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+    add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    add_rms_norm_quant: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    rope_kv_write: Callable[..., torch.Tensor]
+    graph_safe: bool = False  # decode may be captured in CUDA graphs (see the module docstring)
 
 
 REFERENCE_OPS = Ops(
@@ -214,8 +293,11 @@ REFERENCE_OPS = Ops(
     paged_attention_decode=paged_attention_decode,
     kv_write=kv_write,
     quantize_kv=fp8q.quantize_kv,
+    add_rms_norm=add_rms_norm,
+    add_rms_norm_quant=add_rms_norm_quant,
+    rope_kv_write=rope_kv_write,
 )
-OP_NAMES = tuple(f.name for f in fields(Ops) if f.name != "backend")
+OP_NAMES = tuple(f.name for f in fields(Ops) if f.name not in ("backend", "graph_safe"))
 
 
 @dataclass(frozen=True)
@@ -223,6 +305,7 @@ class _Registered:
     device_type: str
     priority: int
     impls: Mapping[str, Callable[..., object]]
+    graph_safe: bool = False
 
 
 _REGISTRY: dict[str, _Registered] = {}
@@ -233,15 +316,21 @@ class UnknownOpsBackend(ValueError):
 
 
 def register_backend(
-    name: str, impls: Mapping[str, Callable[..., object]], device_type: str = "cuda", priority: int = 10
+    name: str,
+    impls: Mapping[str, Callable[..., object]],
+    device_type: str = "cuda",
+    priority: int = 10,
+    graph_safe: bool = False,
 ) -> None:
-    """Register (or replace) a backend: a mapping from op names (`OP_NAMES`) to callables."""
+    """Register (or replace) a backend: a mapping from op names (`OP_NAMES`) to callables.
+
+    graph_safe: the backend's decode ops are CUDA-graph capturable and skip slot -1 (module docstring)."""
     unknown = sorted(set(impls) - set(OP_NAMES))
     if unknown:
         raise ValueError(f"unknown op name(s) {unknown}; known: {', '.join(OP_NAMES)}")
     if name == REFERENCE:
         raise ValueError(f"{REFERENCE!r} is the built-in torch backend and cannot be replaced")
-    _REGISTRY[name] = _Registered(device_type, priority, dict(impls))
+    _REGISTRY[name] = _Registered(device_type, priority, dict(impls), graph_safe)
 
 
 def unregister_backend(name: str) -> None:
@@ -276,4 +365,4 @@ def get_ops(device: torch.device | str, backend: str | None = None) -> Ops:
             return REFERENCE_OPS
         _, name = max(candidates)
         chosen = _REGISTRY[name]
-    return replace(REFERENCE_OPS, backend=name, **chosen.impls)  # type: ignore[arg-type]
+    return replace(REFERENCE_OPS, backend=name, graph_safe=chosen.graph_safe, **chosen.impls)  # type: ignore[arg-type]

@@ -2,8 +2,11 @@
 
 `workers.engine.ops.get_ops("cuda")` imports this module, which registers adapters from the engine's op
 signatures (workers/engine/ops.py docstring) to the kernels. Ops the engine seam has but we leave to the
-reference: `prefill_attention` (torch SDPA is already a flash kernel on CUDA). Kernels the seam has no slot
-for yet: `rope_kv_write` (RoPE + K/V quantize-and-write in one launch) — see README "Seams".
+reference: `prefill_attention` (torch SDPA is already a flash kernel on CUDA). `rope_kv_write` (RoPE + K/V
+quantize-and-write in one launch) and the residual-fused norms (`add_rms_norm`, `add_rms_norm_quant`) fill
+the seam's decode slots. Registered `graph_safe`: none of these adapters synchronises with the host (the
+attention bounds lengths by the block table's width) and the KV writes skip slot -1, so the engine captures
+decode steps in CUDA graphs.
 
 If Triton is missing, nothing is registered and the engine keeps its torch reference ops.
 """
@@ -19,6 +22,7 @@ try:
     from workers.kernels.attention import paged_decode_attention as _attn
     from workers.kernels.gemm import fp8_linear as _fp8_linear
     from workers.kernels.kv_cache import kv_write as _kv_write
+    from workers.kernels.kv_cache import rope_kv_write as _rope_kv_write
     from workers.kernels.quant import quantize_per_token, rms_norm_quant, silu_mul_quant
 except ImportError:  # no triton (or no engine): leave the reference ops in place
     _ops = None
@@ -43,6 +47,28 @@ def quantize_rows(x: torch.Tensor, fp8_dtype: torch.dtype) -> tuple[torch.Tensor
 def rms_norm_quant_op(x: torch.Tensor, weight: torch.Tensor, eps: float, fp8_dtype: torch.dtype):
     q, s, _ = rms_norm_quant(x, weight, eps, fp8_dtype)
     return q, s.unsqueeze(-1)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):  # type: ignore[no-untyped-def]
+    """(rms_norm(residual + x), residual + x), one launch."""
+    y, _, h = rms_norm_quant(x, weight, eps, None, residual=residual)
+    return y, h
+
+
+def add_rms_norm_quant(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                       fp8_dtype: torch.dtype):  # type: ignore[no-untyped-def]
+    q, s, h = rms_norm_quant(x, weight, eps, fp8_dtype, residual=residual)
+    return q, s.unsqueeze(-1), h
+
+
+def rope_kv_write(qkv, positions, inv_freq, num_heads, slots, k_cache, v_cache, k_scale, v_scale,  # type: ignore[no-untyped-def]
+                  kv_dtype: KVDtype):
+    """Engine signature → kernels.rope_kv_write (angles and rotation in float32, one launch)."""
+    d = k_cache.shape[3]
+    if d % 2 or d & (d - 1) or qkv.stride(-1) != 1:  # the kernel needs a power-of-two head_dim
+        return _ops.rope_kv_write(qkv, positions, inv_freq, num_heads, slots, k_cache, v_cache, k_scale, v_scale,
+                                  kv_dtype)
+    return _rope_kv_write(qkv, positions, inv_freq.float(), num_heads, slots, k_cache, v_cache, k_scale, v_scale)
 
 
 def silu_mul_quant_op(gate_up: torch.Tensor, fp8_dtype: torch.dtype):
@@ -79,6 +105,9 @@ IMPLS = {
     "fp8_linear": fp8_linear,
     "paged_attention_decode": paged_attention_decode,
     "kv_write": kv_write,
+    "add_rms_norm": add_rms_norm,
+    "add_rms_norm_quant": add_rms_norm_quant,
+    "rope_kv_write": rope_kv_write,
 }
 
 
@@ -86,7 +115,7 @@ def register(device_type: str = "cuda", priority: int = 10) -> bool:
     """Register the adapters with the engine's op registry; False when Triton or the engine is missing."""
     if _ops is None:
         return False
-    _ops.register_backend(BACKEND_NAME, IMPLS, device_type=device_type, priority=priority)
+    _ops.register_backend(BACKEND_NAME, IMPLS, device_type=device_type, priority=priority, graph_safe=True)
     return True
 
 

@@ -31,6 +31,7 @@ from typing import Any
 from orchestrator.core.model_shape import ModelShape, get_shape
 from orchestrator.core.types import KVDtype
 from workers.kv_payload import KVLayerPayload, KVLayout
+from workers.kv_transfer.bench_stages import bare_grpc_once, bare_server, cpu_s, self_cpu_s, stage_rates
 
 # torch and grpc are imported inside functions: the raw-socket receiver process needs neither.
 
@@ -143,18 +144,20 @@ def _child_main() -> None:
         return
     from workers.kv_transfer.server import KVTransferServer
 
+    bare = bare_server()
     layout = layout_of(get_shape(shape_name))
     servers = {}
     for d in dtypes.split(","):  # one server per KV dtype: the sink stores what is sent, no transcoding
         servers[d] = KVTransferServer(_NullSink(layout, KVDtype(d)), lambda rid, s: None, auth_token=BENCH_TOKEN,
                                       max_inflight_bytes=1 << 40, max_workers=16)
-    print(" ".join(f"{d}={srv.start()}" for d, srv in servers.items()), flush=True)
+    print(" ".join([f"{d}={srv.start()}" for d, srv in servers.items()] + [f"bare={bare[1]}"]), flush=True)
     for line in sys.stdin:
         _cmd, d, rid, ntok = line.split()
         servers[d].reserve(rid, layout, int(ntok), lease_s=600)
         print("ok", flush=True)
     for srv in servers.values():
         srv.stop(0)
+    bare[0].stop(0)
 
 
 class _Child:
@@ -170,7 +173,9 @@ class _Child:
         if kind == "raw":
             self.ports = {d: int(line[0]) for d in kv_dtypes}
         else:
-            self.ports = {KVDtype(k): int(v) for k, v in (item.split("=") for item in line)}
+            pairs = dict(item.split("=") for item in line)
+            self.bare_port = int(pairs.pop("bare"))
+            self.ports = {KVDtype(k): int(v) for k, v in pairs.items()}
         self.lock = threading.Lock()
 
     def reserver(self, kv_dtype: KVDtype) -> _Reserver:
@@ -257,36 +262,62 @@ def _grpc_once(server, client, layout: KVLayout, payload: KVLayerPayload, kv_dty
     return dt, sum(moved)
 
 
+def _malloc_tuned() -> bool:
+    from workers.kv_transfer.memory import tune_malloc_for_streaming
+
+    return tune_malloc_for_streaming()  # already applied by the client and the servers: reports it
+
+
 def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
     import grpc
     import msgpack
     import torch
 
+    from workers.kv_transfer.checksum import BACKEND
+    from workers.kv_transfer.wire import CHECKSUM_ALGORITHM, PROTOCOL_VERSION
+
+    try:
+        crc_version = version("crc32c")
+    except PackageNotFoundError:
+        crc_version = "not installed"
     return {
         "python": platform.python_version(), "torch": torch.__version__, "grpcio": grpc.__version__,
-        "msgpack": ".".join(map(str, msgpack.version)),
+        "msgpack": ".".join(map(str, msgpack.version)), "numpy": __import__("numpy").__version__,
+        "crc32c": crc_version, "checksum": f"{CHECKSUM_ALGORITHM} via {BACKEND}",
+        "protocol_version": str(PROTOCOL_VERSION),
     }
 
 
 def run_bench(shape_name: str, tokens: list[int], dtypes: list[KVDtype], streams: int = 1, repeat: int = 3,
               chunk_bytes: int = 2 << 20, layer_compute_ms: float | None = None, overlap: bool = True) -> dict[str, Any]:
     """Run every point; returns the JSON-able result (rows plus environment)."""
+    import grpc
+
     from workers.kv_transfer.client import KVTransferClient
+    from workers.kv_transfer.server import channel_options
+    from workers.kv_transfer.wire import DEFAULT_MAX_FRAME_BYTES, MAX_HEADER_BYTES
+
     shape = get_shape(shape_name)
     layout = layout_of(shape)
     rows = []
     children = _Child("grpc", shape.name, dtypes), _Child("raw", shape.name, dtypes)
+    pids = (children[0].proc.pid, children[1].proc.pid)
     try:
         for kv_dtype in dtypes:
             server = children[0].reserver(kv_dtype)
             raw_port = children[1].ports[kv_dtype]
             client = KVTransferClient(f"127.0.0.1:{children[0].ports[kv_dtype]}", auth_token=BENCH_TOKEN, timeout_s=60)
+            bare = grpc.insecure_channel(f"127.0.0.1:{children[0].bare_port}",
+                                         options=channel_options(DEFAULT_MAX_FRAME_BYTES + MAX_HEADER_BYTES))
             try:
                 for n in tokens:
-                    rows.append(_point(server, client, raw_port, shape, layout, kv_dtype, n, streams, repeat,
+                    rows.append(_point(server, client, raw_port, bare, pids, shape, layout, kv_dtype, n, streams, repeat,
                                        chunk_bytes, layer_compute_ms, overlap))
             finally:
                 client.close()
+                bare.close()
     finally:
         for c in children:
             c.close()
@@ -295,22 +326,40 @@ def run_bench(shape_name: str, tokens: list[int], dtypes: list[KVDtype], streams
         "device": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.machine()}), loopback 127.0.0.1, "
                   "receiver in a child process",
         "versions": _versions(), "chunk_bytes": chunk_bytes, "repeat": repeat, "rows": rows,
+        "malloc_tuned": _malloc_tuned(),
     }
 
 
-def _point(server, client, raw_port, shape, layout, kv_dtype, n, streams, repeat, chunk_bytes, layer_compute_ms,
-           overlap) -> dict[str, Any]:
+def _point(server, client, raw_port, bare_channel, pids, shape, layout, kv_dtype, n, streams, repeat, chunk_bytes,
+           layer_compute_ms, overlap) -> dict[str, Any]:
+    """One (tokens, dtype) point; pids = (gRPC receiver process, raw receiver process) for CPU accounting."""
+    from workers.kv_transfer.fp8 import wire_dtype_of
+    from workers.kv_transfer.sender import encode_payload
+
     payload = synthetic_layer(shape, n, kv_dtype)
     sections = _sections(payload)
+    bare_frames = encode_payload("bare", payload, wire_dtype_of(kv_dtype), 0, chunk_bytes)
     nbytes = shape.num_layers * sum(len(s) for s in sections) * streams
     _grpc_once(server, client, layout, payload, kv_dtype, n, 1, chunk_bytes, f"warm-{n}")
-    g_times, r_times = [], []
-    for r in range(repeat):  # interleaved, so both see the same background load
-        dt, moved = _grpc_once(server, client, layout, payload, kv_dtype, n, streams, chunk_bytes, f"g-{n}-{r}")
+    g_times, r_times, b_times = [], [], []
+    cpu = {k: [0.0, 0.0] for k in ("grpc", "raw_tcp", "bare_grpc")}  # [sender s, receiver s] summed over runs
+
+    def timed(kind: str, rx_pid: int, fn, *a):
+        tx0, rx0 = self_cpu_s(), cpu_s(rx_pid)
+        out = fn(*a)
+        cpu[kind][0] += self_cpu_s() - tx0
+        cpu[kind][1] += cpu_s(rx_pid) - rx0
+        return out
+
+    for r in range(repeat):  # interleaved, so all see the same background load
+        dt, moved = timed("grpc", pids[0], _grpc_once, server, client, layout, payload, kv_dtype, n, streams,
+                          chunk_bytes, f"g-{n}-{r}")
         if moved != nbytes:
             raise RuntimeError(f"gRPC moved {moved} bytes, expected {nbytes}")
         g_times.append(dt)
-        r_times.append(_raw_tcp_once(raw_port, sections, shape.num_layers, streams))
+        r_times.append(timed("raw_tcp", pids[1], _raw_tcp_once, raw_port, sections, shape.num_layers, streams))
+        if streams == 1:
+            b_times.append(timed("bare_grpc", pids[0], bare_grpc_once, bare_channel, bare_frames, shape.num_layers))
     g_s, r_s = statistics.median(g_times), statistics.median(r_times)
     row = {
         "model_shape": shape.name, "tokens": n, "kv_dtype": kv_dtype.value, "streams": streams,
@@ -318,6 +367,15 @@ def _point(server, client, raw_port, shape, layout, kv_dtype, n, streams, repeat
         "grpc_s": g_s, "raw_tcp_s": r_s, "grpc_gbps": nbytes / g_s / 1e9, "raw_tcp_gbps": nbytes / r_s / 1e9,
         "grpc_over_raw": r_s / g_s, "grpc_runs_s": g_times, "raw_tcp_runs_s": r_times,
     }
+    if b_times:  # the same frames' sizes through gRPC with no per-byte Python work at either end
+        b_s = statistics.median(b_times)
+        row.update({"bare_grpc_s": b_s, "bare_grpc_gbps": nbytes / b_s / 1e9, "bare_grpc_over_raw": r_s / b_s,
+                    "bare_grpc_runs_s": b_times})
+    gb = nbytes * repeat / 1e9
+    for kind, (tx, rx) in cpu.items():
+        if kind != "bare_grpc" or b_times:
+            row[f"{kind}_sender_cpu_s_per_gb"], row[f"{kind}_receiver_cpu_s_per_gb"] = tx / gb, rx / gb
+    row.update(stage_rates(layout, payload, kv_dtype, n, chunk_bytes))
     if overlap:
         row.update(_overlap(server, client, layout, payload, kv_dtype, n, chunk_bytes, g_s / streams, layer_compute_ms))
     return row
@@ -340,20 +398,35 @@ def _overlap(server, client, layout, payload, kv_dtype, n, chunk_bytes, transfer
 
 def format_table(result: dict[str, Any]) -> str:
     head = (f"{'shape':<20} {'tokens':>6} {'kv':>9} {'str':>3} {'MiB':>8} {'B/tok':>7} {'gRPC GB/s':>9} "
-            f"{'raw GB/s':>8} {'ratio':>6} {'hidden':>7}")
+            f"{'raw GB/s':>8} {'ratio':>6} {'bare':>5} {'hidden':>7}")
     lines = [head, "-" * len(head)]
     for r in result["rows"]:
         hidden = f"{100 * r['hidden_fraction']:.0f}%" if "hidden_fraction" in r else "-"
         lines.append(
             f"{r['model_shape']:<20} {r['tokens']:>6} {r['kv_dtype']:>9} {r['streams']:>3} {r['bytes'] / 2**20:>8.1f} "
             f"{r['bytes_per_token']:>7} {r['grpc_gbps']:>9.2f} {r['raw_tcp_gbps']:>8.2f} {r['grpc_over_raw']:>6.2f} "
-            f"{hidden:>7}"
+            f"{r.get('bare_grpc_over_raw', float('nan')):>5.2f} {hidden:>7}"
         )
     by = {(r["tokens"], r["kv_dtype"]): r["bytes_per_token"] for r in result["rows"]}
     for n in sorted({r["tokens"] for r in result["rows"]}):
         if (n, "bf16") in by and (n, "fp8_e4m3") in by:
             lines.append(f"fp8_e4m3 moves {by[(n, 'fp8_e4m3')] / by[(n, 'bf16')]:.3f}x the bytes of bf16 "
                          f"(scales included) at {n} tokens")
+    for r in result["rows"]:
+        if "bare_grpc_receiver_cpu_s_per_gb" in r:
+            lines.append(
+                f"cpu s/GB {r['tokens']:>6} {r['kv_dtype']:>9} (sender/receiver): KV gRPC "
+                f"{r['grpc_sender_cpu_s_per_gb']:.2f}/{r['grpc_receiver_cpu_s_per_gb']:.2f}, bare gRPC "
+                f"{r['bare_grpc_sender_cpu_s_per_gb']:.2f}/{r['bare_grpc_receiver_cpu_s_per_gb']:.2f}, raw TCP "
+                f"{r['raw_tcp_sender_cpu_s_per_gb']:.2f}/{r['raw_tcp_receiver_cpu_s_per_gb']:.2f}"
+            )
+    lines.append("bare = a raw-bytes gRPC stream of the same frames with no per-byte work at either end, over raw TCP")
+    for r in result["rows"]:
+        lines.append(
+            f"stages {r['tokens']:>6} {r['kv_dtype']:>9}: framing {r['frame_gbps']:.2f} GB/s, receive+verify "
+            f"{r['receive_gbps']:.2f} GB/s ({r['receive_no_value_checks_gbps']:.2f} without value checks; one thread "
+            f"each, in-process); bare gRPC {r.get('bare_grpc_gbps', float('nan')):.2f} GB/s across processes"
+        )
     for r in result["rows"]:
         if "hidden_fraction" in r:
             lines.append(

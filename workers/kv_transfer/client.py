@@ -22,6 +22,7 @@ from workers.kv_transfer.errors import (
     error_from_name,
 )
 from workers.kv_transfer.fp8 import WireDtype
+from workers.kv_transfer.memory import tune_malloc_for_streaming
 from workers.kv_transfer.security import (
     ERROR_METADATA_KEY,
     SERVICE_NAME,
@@ -67,7 +68,10 @@ class KVTransferClient:
         tls: TLSConfig | None = None,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         timeout_s: float = 10.0,
+        tune_malloc: bool = True,
     ) -> None:
+        if tune_malloc:  # process-wide glibc thresholds (memory.py): frames stop page-faulting
+            tune_malloc_for_streaming()
         self.target = target
         self._md = ((TOKEN_METADATA_KEY, check_token(auth_token)),)
         self.timeout_s = timeout_s

@@ -28,6 +28,7 @@ from workers.kv_transfer.errors import (
     TransferDeadlineExceeded,
     UnknownTransfer,
 )
+from workers.kv_transfer.memory import tune_malloc_for_streaming
 from workers.kv_transfer.receiver import KVReceiver, TransferSummary
 from workers.kv_transfer.security import (
     ERROR_METADATA_KEY,
@@ -94,6 +95,7 @@ class KVTransferServer:
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         max_workers: int = 8,
         check_values: bool = True,
+        tune_malloc: bool = True,
     ) -> None:
         self._token = check_token(auth_token).encode()
         self.host, self._port, self.tls = host, int(port), tls
@@ -103,12 +105,18 @@ class KVTransferServer:
         )
         self.max_message_bytes = max_frame_bytes + MAX_HEADER_BYTES
         self._max_workers = max_workers
+        self._tune_malloc = tune_malloc
         self._server: grpc.Server | None = None
 
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> int:
-        """Bind and serve; returns the port (an ephemeral one when port=0)."""
+        """Bind and serve; returns the port (an ephemeral one when port=0).
+
+        Unless built with tune_malloc=False, first applies `memory.tune_malloc_for_streaming()`
+        (process-wide glibc thresholds: frames stop page-faulting fresh memory in)."""
+        if self._tune_malloc:
+            tune_malloc_for_streaming()
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self._max_workers, thread_name_prefix="kv-rx"),
             options=channel_options(self.max_message_bytes),

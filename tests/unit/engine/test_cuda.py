@@ -3,6 +3,8 @@ engine on CUDA produces the CPU engine's greedy tokens in bf16 linear mode."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -49,3 +51,21 @@ def test_cuda_engine_matches_cpu_engine(linear):
     while gpu.has_unfinished():
         gpu.step()
     assert len(gpu.generate(p, greedy(8))) == 3
+
+
+@pytest.mark.parametrize("kv_dtype", [KVDtype.BF16, KVDtype.FP8_E4M3], ids=lambda k: k.value)
+def test_cuda_disaggregation_is_exact_with_the_default_backend(kv_dtype):
+    """With whatever ops backend is registered for CUDA (the kernels' one when present). Real Triton kernels
+    cannot run on CUDA tensors under TRITON_INTERPRET=1 (set by tests/conftest.py): run with
+    TRITON_INTERPRET=0 on a GPU machine to cover them; otherwise this uses the torch reference."""
+    backend = "reference" if os.environ.get("TRITON_INTERPRET") == "1" else None
+    kw = dict(device="cuda", dtype=ComputeDtype.BF16, linear_mode=LinearMode.FP8_DYNAMIC, kv_dtype=kv_dtype,
+              ops_backend=backend)
+    a, b, colo = make_engine(block_size=16, **kw), make_engine(block_size=8, **kw), make_engine(**kw)
+    p = prompts(1, base_len=29)[0]
+    expected = colo.generate([p], greedy(12))[0]
+    b.import_kv(a.prefill_export("d", p, greedy(12)), greedy(12))
+    got = []
+    while b.has_unfinished():
+        got += [o.token_id for o in b.step()]
+    assert got == expected, a.ops.backend

@@ -71,9 +71,9 @@ def test_md1_mean_wait_matches_closed_form():
     # One H100 prefill server, prompts of exactly 2048 tokens, one prompt per prefill batch:
     # service D = prefill_batch_time_s(h100, [2048]) is deterministic. Poisson arrivals at ρ = 0.5.
     # The closed form is evaluated at the arrival rate the sample actually has (n − 1 gaps over
-    # its span), which removes most of the run-to-run spread. Measured spread of the relative error
-    # with 100,000 requests over seeds 1-5 and 11: 1.0, -0.2, 0.3, 0.1, 0.4, 2.7 % (σ ≈ 1 %); with
-    # 200,000 requests σ ≈ 0.7 %, so 2 % is about three standard deviations.
+    # its span), which removes most of the run-to-run spread. Measured relative errors: with
+    # 100,000 requests over seeds 1-5 and 11: 1.0, -0.2, 0.3, 0.1, 0.4, 2.7 % (σ ≈ 1 %, too wide for
+    # 2 %); with 200,000 requests, seeds 1, 11, 7: -0.1, 0.4, -0.0 %.
     prompt = 2048
     cfg = make_spec(pools=[
         {"name": "prefill", "role": "prefill", "replicas": 1, "hardware": "h100-sxm"},

@@ -1,0 +1,167 @@
+"""`bench_engine.py --engine`: the real `workers.engine.Engine` on one GPU, 8B shape, random weights.
+
+Weights are drawn on the GPU in bf16 (`EngineConfig.init_on_device`). Each mode gets its own engine:
+bf16 = bf16 linears + bf16 KV; fp8 = fp8-dynamic linears (fused per-token quantization) + fp8_e4m3 KV.
+Both engines get the same KV capacity in tokens. Decode steps replay CUDA graphs (the engine's default
+on CUDA with the Triton backend); one configuration is also timed eagerly to show what the graphs buy.
+
+Prefill: `add_request` of a random prompt with max_tokens=1, then one `step()` (prefill of the whole
+prompt, the KV written into the paged cache, the first token sampled); host wall time around the step
+(it ends with a device→host copy of the token), median of repeats after a warm-up.
+
+Decode: the KV cache is filled with random values written directly (not by a prefill: 64 prompts of
+2K at the 8B shape would cost device time and change nothing the decode step reads); B requests with a
+ctx-token prompt are placed in the running batch with that KV (positions 0..ctx-1 cached), then
+`step()` is timed: one decode token per request, the whole engine step including the host-side batch
+building and greedy sampling. tokens/s = B / median step time.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from orchestrator.core.types import ComputeDtype, KVDtype, LinearMode, SamplingParams
+from workers.engine import Engine, EngineConfig
+from workers.engine.kv_cache import blocks_for
+from workers.engine.sequence import SeqState, Sequence
+
+MODES = {
+    "bf16": dict(linear_mode=LinearMode.BF16, kv_dtype=KVDtype.BF16),
+    "fp8": dict(linear_mode=LinearMode.FP8_DYNAMIC, kv_dtype=KVDtype.FP8_E4M3),
+}
+BLOCK_SIZE = 16
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _sync_ms(fn: Any) -> float:
+    _sync()
+    t0 = time.perf_counter()
+    fn()
+    _sync()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def fill_kv_random(engine: Engine, seed: int = 0) -> None:
+    """Random K/V (≈ N(0, 1) values) in every slot of every layer; FP8 scales set to a plausible 1/64."""
+    g = torch.Generator(device=engine.device).manual_seed(seed)
+    c = engine.cache
+    with torch.inference_mode():
+        for layer in range(c.k.shape[0]):
+            for t in (c.k[layer], c.v[layer]):
+                t.copy_(torch.randn(t.shape, generator=g, device=t.device, dtype=torch.bfloat16))
+        if c.k_scale is not None and c.v_scale is not None:
+            c.k_scale.fill_(1 / 64)
+            c.v_scale.fill_(1 / 64)
+
+
+def place_running(engine: Engine, batch: int, ctx: int, extra_tokens: int, seed: int) -> list[str]:
+    """B requests with ctx cached tokens, in the running batch (white-box: the KV is already there)."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = engine.model_config.vocab_size
+    sp = SamplingParams(max_tokens=extra_tokens + 1, ignore_eos=True)
+    ids = []
+    for i in range(batch):
+        rid = f"bench-{seed}-{i}"
+        prompt = torch.randint(0, vocab, (ctx,), generator=g).tolist()
+        seq = Sequence(rid, prompt, sp, SeqState.RUNNING)
+        seq.blocks = engine.cache.allocator.allocate(blocks_for(ctx + extra_tokens + 1, engine.block_size))
+        seq.outputs = [int(torch.randint(0, vocab, (1,), generator=g))]
+        seq.num_cached = ctx
+        engine._seqs[rid] = seq
+        engine._running.append(rid)
+        ids.append(rid)
+    return ids
+
+
+def time_decode(engine: Engine, batch: int, ctx: int, warmup: int, reps: int, seed: int) -> dict[str, Any]:
+    ids = place_running(engine, batch, ctx, warmup + reps + 1, seed)
+    try:
+        for _ in range(warmup):
+            assert len(engine.step()) == batch
+        times = []
+        for _ in range(reps):
+            times.append(_sync_ms(engine.step))
+    finally:
+        for rid in ids:
+            engine.abort(rid)
+    engine.assert_no_leaks()
+    ms = statistics.median(times)
+    return dict(batch=batch, ctx=ctx, step_ms=ms, tokens_per_s=batch / ms * 1e3, step_ms_min=min(times),
+                step_ms_max=max(times), reps=reps)
+
+
+def time_prefill(engine: Engine, prompt_len: int, reps: int, seed: int) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(seed)
+    vocab = engine.model_config.vocab_size
+    times = []
+    for r in range(reps + 1):
+        prompt = torch.randint(0, vocab, (prompt_len,), generator=g).tolist()
+        engine.add_request(f"prefill-{seed}-{r}", prompt, SamplingParams(max_tokens=1, ignore_eos=True))
+        ms = _sync_ms(lambda: engine.step())
+        if r:  # the first is the warm-up
+            times.append(ms)
+    engine.assert_no_leaks()
+    ms = statistics.median(times)
+    return dict(prompt=prompt_len, prefill_ms=ms, tokens_per_s=prompt_len / ms * 1e3, reps=reps)
+
+
+def build_engine(mode: str, num_layers: int | None, capacity_tokens: int, max_batch: int, max_len: int) -> Engine:
+    cfg = EngineConfig(model="llama-3.1-8b-shape", num_layers=num_layers, dtype=ComputeDtype.BF16,
+                       block_size=BLOCK_SIZE, num_blocks=blocks_for(capacity_tokens, BLOCK_SIZE),
+                       max_batch_size=max_batch, max_model_len=max_len, device="cuda", init_on_device=True,
+                       **MODES[mode])  # type: ignore[arg-type]
+    return Engine(cfg)
+
+
+def run_engine_bench(batches: list[int], contexts: list[int], prompts: list[int], num_layers: int | None,
+                     capacity_tokens: int, warmup: int, reps: int, prefill_reps: int,
+                     eager_point: tuple[int, int] | None, log: Any = print) -> dict[str, Any]:
+    extra = warmup + reps + 2
+    max_len = max(max(contexts) + extra, max(prompts) + 1)
+    res: dict[str, Any] = {"prefill": [], "decode": [], "skipped": [], "capacity_tokens": capacity_tokens,
+                           "block_size": BLOCK_SIZE, "kv_fill": "random values written directly into the cache"}
+    for mode in MODES:
+        gc.collect()
+        torch.cuda.empty_cache()
+        t0 = time.perf_counter()
+        eng = build_engine(mode, num_layers, capacity_tokens, max(batches), max_len)
+        log(f"[{mode}] engine built in {time.perf_counter() - t0:.1f} s; backend={eng.ops.backend} "
+            f"graphs={eng.uses_cuda_graphs} kv={eng.cache.nbytes() / 2**30:.1f} GiB "
+            f"allocated={torch.cuda.memory_allocated() / 2**30:.1f} GiB")
+        res.setdefault("engines", {})[mode] = dict(backend=eng.ops.backend, cuda_graphs=eng.uses_cuda_graphs,
+                                                   kv_gib=eng.cache.nbytes() / 2**30)
+        for p in prompts:
+            r = time_prefill(eng, p, prefill_reps, seed=p)
+            res["prefill"].append(dict(mode=mode, **r))
+            log(f"[{mode}] prefill {p}: {r['prefill_ms']:.1f} ms")
+        fill_kv_random(eng)
+        for b in batches:
+            for c in contexts:
+                if b * blocks_for(c + extra, BLOCK_SIZE) > eng.num_total_blocks:
+                    res["skipped"].append(dict(mode=mode, batch=b, ctx=c, why="KV capacity"))
+                    log(f"[{mode}] decode B={b} ctx={c}: skipped (needs more KV than {capacity_tokens} tokens)")
+                    continue
+                r = time_decode(eng, b, c, warmup, reps, seed=b * 100_000 + c)
+                res["decode"].append(dict(mode=mode, graphs=eng.uses_cuda_graphs, **r))
+                log(f"[{mode}] decode B={b} ctx={c}: {r['step_ms']:.2f} ms/step, {r['tokens_per_s']:.0f} tok/s")
+        if eager_point is not None and eng._graphs is not None:
+            graphs, eng._graphs = eng._graphs, None  # the same engine, decode run eagerly for comparison
+            try:
+                r = time_decode(eng, *eager_point, warmup, reps, seed=7)
+            finally:
+                eng._graphs = graphs
+            res["decode"].append(dict(mode=mode, graphs=False, **r))
+            log(f"[{mode}] decode B={r['batch']} ctx={r['ctx']} EAGER: {r['step_ms']:.2f} ms/step")
+        if eng._graphs is not None:
+            res["engines"][mode]["graphs_captured"] = eng._graphs.num_graphs
+        del eng
+    return res
