@@ -90,13 +90,32 @@ def time_decode(engine: Engine, batch: int, ctx: int, warmup: int, reps: int, se
         times = []
         for _ in range(reps):
             times.append(_sync_ms(engine.step))
+        replay_ms = _replay_ms(engine, reps)
     finally:
         for rid in ids:
             engine.abort(rid)
     engine.assert_no_leaks()
     ms = statistics.median(times)
     return dict(batch=batch, ctx=ctx, step_ms=ms, tokens_per_s=batch / ms * 1e3, step_ms_min=min(times),
-                step_ms_max=max(times), reps=reps)
+                step_ms_max=max(times), reps=reps, graph_replay_ms=replay_ms)
+
+
+def _replay_ms(engine: Engine, reps: int) -> float | None:
+    """GPU time of the last-used decode graph alone (CUDA events around back-to-back replays): the step
+    time minus this is the engine's host-side cost per step (batch building, copies, sampling, sync)."""
+    g = engine._graphs
+    if g is None or not g.graphs or g._table_key is None:
+        return None
+    _, b, w = g._table_key  # type: ignore[misc]
+    graph = g.graphs[(b, w)][0]
+    graph.replay()  # rewrites the KV of the last step's positions with the same values
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
 
 
 def time_prefill(engine: Engine, prompt_len: int, reps: int, seed: int) -> dict[str, Any]:
@@ -152,13 +171,15 @@ def run_engine_bench(batches: list[int], contexts: list[int], prompts: list[int]
                     continue
                 r = time_decode(eng, b, c, warmup, reps, seed=b * 100_000 + c)
                 res["decode"].append(dict(mode=mode, graphs=eng.uses_cuda_graphs, **r))
-                log(f"[{mode}] decode B={b} ctx={c}: {r['step_ms']:.2f} ms/step, {r['tokens_per_s']:.0f} tok/s")
+                log(f"[{mode}] decode B={b} ctx={c}: {r['step_ms']:.2f} ms/step, {r['tokens_per_s']:.0f} tok/s, "
+                    f"graph replay alone {r['graph_replay_ms'] or float('nan'):.2f} ms")
         if eager_point is not None and eng._graphs is not None:
             graphs, eng._graphs = eng._graphs, None  # the same engine, decode run eagerly for comparison
             try:
                 r = time_decode(eng, *eager_point, warmup, reps, seed=7)
             finally:
                 eng._graphs = graphs
+                del graphs  # else the next mode's engine is built beside this one's weights and cache
             res["decode"].append(dict(mode=mode, graphs=False, **r))
             log(f"[{mode}] decode B={r['batch']} ctx={r['ctx']} EAGER: {r['step_ms']:.2f} ms/step")
         if eng._graphs is not None:

@@ -101,7 +101,7 @@ def engine_main(args: argparse.Namespace, batches: list[int], contexts: list[int
     print(res["env"], flush=True)
     eager = (64, 2048) if 64 in batches and 2048 in contexts else None
     res.update(run_engine_bench(batches, contexts, prompts, None if args.layers == 32 else args.layers,
-                                args.kv_tokens, warmup=3, reps=args.reps, prefill_reps=3, eager_point=eager,
+                                args.kv_tokens, warmup=3, reps=args.reps, prefill_reps=5, eager_point=eager,
                                 log=lambda m: print(m, flush=True)))
     pre = {(r["mode"], r["prompt"]): r["prefill_ms"] for r in res["prefill"]}
     dec = {(r["mode"], r["batch"], r["ctx"]): r["tokens_per_s"] for r in res["decode"] if r["graphs"]}
@@ -112,6 +112,11 @@ def engine_main(args: argparse.Namespace, batches: list[int], contexts: list[int
             if ("fp8", b, c) in dec and ("bf16", b, c) in dec:
                 rows.append(dict(what=f"decode B={b} ctx={c}, fp8/bf16 tok/s", ratio=dec[("fp8", b, c)]
                                  / dec[("bf16", b, c)], bf16=dec[("bf16", b, c)], fp8=dec[("fp8", b, c)]))
+    rep = {(r["mode"], r["batch"], r["ctx"]): r.get("graph_replay_ms") for r in res["decode"] if r["graphs"]}
+    for (mode, b, c), ms in sorted(rep.items()):
+        if mode == "fp8" and ms and rep.get(("bf16", b, c)):
+            rows.append(dict(what=f"decode B={b} ctx={c}, graph replay alone, fp8/bf16 tok/s",
+                             ratio=rep[("bf16", b, c)] / ms, bf16=b / rep[("bf16", b, c)] * 1e3, fp8=b / ms * 1e3))
     eager_rows = [r for r in res["decode"] if not r["graphs"]]
     for r in eager_rows:
         g = next(x for x in res["decode"] if x["graphs"] and x["mode"] == r["mode"] and x["batch"] == r["batch"]

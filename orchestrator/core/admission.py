@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from orchestrator.config.models import TandemConfig
-from orchestrator.core.router import Router
+from orchestrator.core.router import RouteEval, Router
 from orchestrator.core.snapshot import ClusterSnapshot, RouteRequest
 
 
@@ -101,6 +101,9 @@ class Admission:
     def __init__(self, config: TandemConfig, router: Router) -> None:
         self.config = config
         self.router = router
+        # the router evaluation the last `decide` made (None when it stopped before the TTFT check):
+        # `router.route(req, snap, admission.last_evaluation)` reuses it when nothing changed since
+        self.last_evaluation: RouteEval | None = None
 
     def _retry(self, wait_ms: float | None = None) -> float:
         floor = self.config.admission.min_retry_after_s
@@ -112,6 +115,7 @@ class Admission:
         """Admit, queue or reject `req` (see the module docstring for the rules, in order)."""
         cfg = self.config
         rid = req.request_id
+        self.last_evaluation = None
         try:
             sla = cfg.sla_class(req.sla_class)
         except KeyError:
@@ -127,20 +131,20 @@ class Admission:
                 f"prompt {req.prompt_tokens} + max_tokens {req.max_tokens} = {req.kv_tokens} tokens "
                 f"exceeds the context length {limit}", self._retry(),
             )
-        healthy = snap.decode_workers()
-        if not healthy:
+        if not snap.decode_view():
             return AdmissionDecision(
                 rid, AdmissionAction.REJECT, AdmissionReason.NO_HEALTHY_WORKER, sla.name,
                 "no healthy decode-capable worker", self._retry(),
             )
-        biggest = max(w.total_kv_blocks * w.block_size for w in healthy)
+        biggest = snap.max_decode_kv_tokens()
         if req.kv_tokens > biggest:
             return AdmissionDecision(
                 rid, AdmissionAction.REJECT, AdmissionReason.EXCEEDS_KV_CAPACITY, sla.name,
                 f"prompt {req.prompt_tokens} + max_tokens {req.max_tokens} = {req.kv_tokens} tokens exceeds "
                 f"the largest decode worker's KV cache ({biggest} tokens)", self._retry(),
             )
-        best = self.router.best_ttft_ms(req, snap)
+        ev = self.last_evaluation = self.router.evaluate(req, snap)
+        best = self.router.best_ttft_ms(req, snap, ev)
         if cfg.admission.reject_unreachable_sla and best is not None and best > sla.ttft_ms:
             return AdmissionDecision(
                 rid, AdmissionAction.REJECT, AdmissionReason.SLA_UNREACHABLE, sla.name,

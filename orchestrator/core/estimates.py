@@ -84,6 +84,18 @@ class Placement(NamedTuple):
         return out
 
 
+class _Tables:
+    """Memoised cost-model answers of one (hardware, pool), by token count."""
+
+    __slots__ = ("hardware", "mode", "prefill", "transfer")
+
+    def __init__(self, hardware: str, mode: LinearMode) -> None:
+        self.hardware = hardware
+        self.mode = mode
+        self.prefill: dict[int, float] = {}
+        self.transfer: dict[int, float] = {}
+
+
 class Estimator:
     """Placement predictions for one config over one cost model (memoised)."""
 
@@ -98,41 +110,47 @@ class Estimator:
             if catalog is not None and hasattr(catalog, "link"):
                 self.link = catalog.link(config.kv_transport.link)
         self._modes = {p.name: config.pool_linear_mode(p) for p in config.pools}
-        self._prefill: dict[tuple[str, int, LinearMode], float] = {}
-        self._transfer: dict[tuple[str, int, LinearMode], float] = {}
+        # memo per (hardware, pool) — the pool fixes the linear mode — then per token count: the
+        # hot path looks up one tuple of two (hash-cached) strings and one int.
+        self._tables: dict[tuple[str, str], _Tables] = {}
         self._step: dict[tuple[str, int, int, LinearMode], float] = {}
+        self._own_tokens = -1  # own_s's memo: the prompt length it holds, and (hw, pool) → (prefill, transfer)
+        self._own: dict[tuple[str, str], tuple[float, float]] = {}
 
     def mode(self, w: WorkerSnapshot) -> LinearMode:
         return self._modes.get(w.pool, self.config.model.linear_mode)
 
+    def _tables_of(self, w: WorkerSnapshot) -> _Tables:
+        key = (w.hardware, w.pool)
+        t = self._tables.get(key)
+        if t is None:
+            t = self._tables[key] = _Tables(w.hardware, self.mode(w))
+        return t
+
     def prefill_s(self, w: WorkerSnapshot, num_tokens: int) -> float:
         if num_tokens <= 0:
             return 0.0
-        mode = self.mode(w)
-        key = (w.hardware, num_tokens, mode)
-        t = self._prefill.get(key)
+        tab = self._tables.get((w.hardware, w.pool)) or self._tables_of(w)
+        t = tab.prefill.get(num_tokens)
         if t is None:
-            if len(self._prefill) > _CACHE_MAX:
-                self._prefill.clear()
-            t = float(
-                self.cost_model.prefill_time_s(w.hardware, num_tokens, linear_mode=mode, kv_dtype=self.kv_dtype)
+            if len(tab.prefill) > _CACHE_MAX:
+                tab.prefill.clear()
+            t = tab.prefill[num_tokens] = float(
+                self.cost_model.prefill_time_s(w.hardware, num_tokens, linear_mode=tab.mode, kv_dtype=self.kv_dtype)
             )
-            self._prefill[key] = t
         return t
 
     def transfer_s(self, p: WorkerSnapshot, num_tokens: int) -> float:
-        mode = self.mode(p)
-        key = (p.hardware, num_tokens, mode)
-        t = self._transfer.get(key)
+        tab = self._tables.get((p.hardware, p.pool)) or self._tables_of(p)
+        t = tab.transfer.get(num_tokens)
         if t is None:
-            if len(self._transfer) > _CACHE_MAX:
-                self._transfer.clear()
-            t = float(
+            if len(tab.transfer) > _CACHE_MAX:
+                tab.transfer.clear()
+            t = tab.transfer[num_tokens] = float(
                 self.cost_model.exposed_transfer_time_s(
-                    p.hardware, num_tokens, self.kv_dtype, self.link, linear_mode=mode
+                    p.hardware, num_tokens, self.kv_dtype, self.link, linear_mode=tab.mode
                 )
             )
-            self._transfer[key] = t
         return t
 
     def step_s(self, d: WorkerSnapshot, batch: int, context_tokens: int) -> float:
@@ -150,6 +168,30 @@ class Estimator:
             self._step[key] = t
         return t
 
+    def own_s(self, p: WorkerSnapshot, prompt_tokens: int) -> tuple[float, float]:
+        """(prefill_s(p, prompt_tokens), transfer_s(p, prompt_tokens)): the same floats, looked up once
+        per (hardware, pool) while the prompt length stays the same (one request's routing)."""
+        if prompt_tokens != self._own_tokens:
+            self._own_tokens = prompt_tokens
+            self._own = {}
+        key = (p.hardware, p.pool)
+        v = self._own.get(key)
+        if v is None:
+            v = self._own[key] = (self.prefill_s(p, prompt_tokens), self.transfer_s(p, prompt_tokens))
+        return v
+
+    def remote_best_ttft_ms(self, req: RouteRequest, prefills: Sequence[WorkerSnapshot], best: float) -> float:
+        """min(best, ttft_ms(req, p, True) for p in prefills), the first of equals kept."""
+        s = req.prompt_tokens
+        own = self.own_s
+        for p in prefills:
+            pf, tr = own(p, s)
+            n = p.queued_prefill_tokens
+            t = ((self.prefill_s(p, n) if n > 0 else 0.0) + pf + tr) * 1e3  # ttft_ms's sum, same order
+            if t < best:
+                best = t
+        return best
+
     def ttft_ms(self, req: RouteRequest, p: WorkerSnapshot, remote: bool) -> float:
         """T of prefilling req on p (remote: plus the exposed transfer); the hot path of every policy."""
         t = self.prefill_s(p, p.queued_prefill_tokens) + self.prefill_s(p, req.prompt_tokens)
@@ -163,14 +205,12 @@ class Estimator:
         """The remote placement with the lowest predicted TTFT (ties: lower worker id), or None."""
         best: tuple[float, str] | None = None
         best_w: WorkerSnapshot | None = None
-        own: dict[tuple[str, str], float] = {}  # (hw, pool) → prefill + exposed transfer of this prompt, s
         s = req.prompt_tokens
+        own = self.own_s
         for p in prefills:
-            k = (p.hardware, p.pool)
-            t = own.get(k)
-            if t is None:
-                t = own[k] = self.prefill_s(p, s) + self.transfer_s(p, s)
-            key = ((self.prefill_s(p, p.queued_prefill_tokens) + t) * 1e3, p.worker_id)
+            pf, tr = own(p, s)
+            n = p.queued_prefill_tokens
+            key = (((self.prefill_s(p, n) if n > 0 else 0.0) + (pf + tr)) * 1e3, p.worker_id)
             if best is None or key < best:
                 best, best_w = key, p
         return None if best_w is None else self.estimate(req, decode, best_w)

@@ -70,20 +70,25 @@ class ContextTTFTPolicy:
     ) -> Iterator[Candidate]:
         d = decodes[0]
         local = ctx.estimator.estimate(req, d, None)
-        prefills = snap.prefill_workers()
+        prefills = snap.prefill_view()
         best = ctx.estimator.fastest_remote(req, d, prefills)
         if best is None:
             yield Candidate(local, RouteReason.COLOCATED, f"no prefill pool; {local.describe()}")
             return
         margin = self.cfg.remote_margin_ms
-        vs = f"{local.describe()} vs {best.describe()}"
-        if margin:
-            vs += f" (+ margin {_fmt(margin)})"
-        if best.ttft_ms + margin < local.ttft_ms:
-            yield Candidate(best, RouteReason.REMOTE_FASTER, f"{vs}; remote")
+        remote = best.ttft_ms + margin < local.ttft_ms
+
+        def why() -> str:  # formatted only if someone reads the decision's arithmetic
+            vs = f"{local.describe()} vs {best.describe()}"
+            if margin:
+                vs += f" (+ margin {_fmt(margin)})"
+            return f"{vs}; remote" if remote else f"{vs}; local"
+
+        if remote:
+            yield Candidate(best, RouteReason.REMOTE_FASTER, why)
             yield from _fallbacks(ctx, req, d, best, prefills, RouteReason.REMOTE_FASTER)
         else:
-            yield Candidate(local, RouteReason.LOCAL_FASTER, f"{vs}; local")
+            yield Candidate(local, RouteReason.LOCAL_FASTER, why)
             yield from _fallbacks(ctx, req, d, local, prefills, RouteReason.LOCAL_FASTER, local=False)
 
 

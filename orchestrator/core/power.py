@@ -102,10 +102,18 @@ class PowerAccountant:
         """(cluster W, W per pool) of a snapshot as it is now."""
         total = 0.0
         pools: dict[str, float] = {}
-        for w in snap.workers:
-            now = self.worker_w(w)
+        hw_w = self._hw_w
+        get = pools.get
+        for w in snap.workers:  # worker_w inlined (the router calls this for every request)
+            now = w.power_w
+            if now is None:
+                t = hw_w.get(w.hardware)
+                if t is None:
+                    self.worker_w(w)
+                    t = hw_w[w.hardware]
+                now = t[1] if w.queued_prefill_tokens > 0 else t[2] if w.running_batch > 0 else t[0]
             total += now
-            pools[w.pool] = pools.get(w.pool, 0.0) + now
+            pools[w.pool] = get(w.pool, 0.0) + now
         return total, pools
 
     def project(

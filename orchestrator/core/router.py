@@ -22,7 +22,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from orchestrator.config.models import NoFitAction, RoutingKind, SLAClass, TandemConfig
@@ -62,14 +62,25 @@ class RouteReason(enum.StrEnum):
     NO_DECODE_WORKER = "no_decode_worker"  # no healthy decode-capable worker (reject)
 
 
-@dataclass(frozen=True)
+Text = str | Callable[[], str]
+"""Reason text, or a function that formats it: the router builds the arithmetic only when read."""
+
+
+def text_of(t: Text) -> str:
+    return t if isinstance(t, str) else t()
+
+
+@dataclass(frozen=True, eq=False)
 class RouteDecision:
-    """Where a request goes (or why it cannot go now), with the numbers that decided it."""
+    """Where a request goes (or why it cannot go now), with the numbers that decided it.
+
+    `arithmetic` is formatted on first access from `arithmetic_text` (the simulator routes millions
+    of requests and reads it for almost none); equality compares the formatted text."""
 
     request_id: str
     policy: RoutingKind
     reason: RouteReason
-    arithmetic: str
+    arithmetic_text: Text = field(repr=False)
     decode_worker_id: str | None = None
     prefill_worker_id: str | None = None  # None with a decode worker: local prefill
     predicted_ttft_ms: float | None = None
@@ -78,6 +89,36 @@ class RouteDecision:
     predicted_power_w: float | None = None  # projected cluster power with this placement
     no_fit: NoFitAction | None = None  # set when not placed: queue (retry later) or reject
     retry_after_s: float | None = None
+
+    @property
+    def arithmetic(self) -> str:
+        a = self.arithmetic_text
+        if not isinstance(a, str):
+            a = a()
+            object.__setattr__(self, "arithmetic_text", a)
+        return a
+
+    def _astuple(self) -> tuple[Any, ...]:
+        return (
+            self.request_id, self.policy, self.reason, self.arithmetic, self.decode_worker_id,
+            self.prefill_worker_id, self.predicted_ttft_ms, self.predicted_tpot_ms, self.predicted_energy_j,
+            self.predicted_power_w, self.no_fit, self.retry_after_s,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RouteDecision):
+            return NotImplemented
+        return self._astuple() == other._astuple()
+
+    def __hash__(self) -> int:
+        return hash(self._astuple())
+
+    def __repr__(self) -> str:
+        return (
+            f"RouteDecision(request_id={self.request_id!r}, reason={self.reason.value}, "
+            f"decode_worker_id={self.decode_worker_id!r}, prefill_worker_id={self.prefill_worker_id!r}, "
+            f"arithmetic={self.arithmetic!r})"
+        )
 
     @property
     def placed(self) -> bool:
@@ -92,13 +133,26 @@ class RouteDecision:
         return (self.request_id, self.decode_worker_id, self.prefill_worker_id, self.reason.value)
 
 
-@dataclass(frozen=True)
 class Candidate:
-    """A placement a policy proposes, with the reason and arithmetic it would be chosen for."""
+    """A placement a policy proposes, with the reason and arithmetic it would be chosen for
+    (`arithmetic_text` may be a function that formats it: only the chosen one is ever read)."""
 
-    placement: Placement
-    reason: RouteReason
-    arithmetic: str
+    __slots__ = ("placement", "reason", "arithmetic_text")
+
+    def __init__(self, placement: Placement, reason: RouteReason, arithmetic: Text) -> None:
+        self.placement = placement
+        self.reason = reason
+        self.arithmetic_text = arithmetic
+
+    @property
+    def arithmetic(self) -> str:
+        a = self.arithmetic_text
+        if not isinstance(a, str):
+            a = self.arithmetic_text = a()
+        return a
+
+    def __repr__(self) -> str:
+        return f"Candidate({self.placement!r}, {self.reason.value}, {self.arithmetic!r})"
 
 
 class RouteContext:
@@ -161,6 +215,24 @@ def least_loaded_key(w: WorkerSnapshot) -> tuple[int, int, str]:
     return (w.running_batch + w.waiting, -w.free_kv_blocks, w.worker_id)
 
 
+class RouteEval:
+    """What admission and the router both need for one request on one snapshot state: the healthy
+    decode workers and those with KV room, least loaded first. `Router.evaluate` builds it;
+    `Admission.decide` keeps the one it used (`last_evaluation`) so that a caller routing the same
+    request on the same, unchanged snapshot right after can hand it to `Router.route`."""
+
+    __slots__ = ("request", "snapshot", "healthy", "decodes")
+
+    def __init__(
+        self, request: RouteRequest, snapshot: ClusterSnapshot,
+        healthy: list[WorkerSnapshot], decodes: list[WorkerSnapshot],
+    ) -> None:
+        self.request = request
+        self.snapshot = snapshot
+        self.healthy = healthy
+        self.decodes = decodes
+
+
 class Router:
     """Routes requests by the config's policy, the cost model and the power budget."""
 
@@ -184,19 +256,35 @@ class Router:
     @staticmethod
     def _fitting(req: RouteRequest, healthy: Sequence[WorkerSnapshot]) -> list[WorkerSnapshot]:
         n = req.kv_tokens  # free_kv_blocks ≥ ⌈n / block_size⌉  ⇔  free_kv_blocks · block_size ≥ n
-        return sorted((w for w in healthy if w.free_kv_blocks * w.block_size >= n), key=least_loaded_key)
+        # sorted by least_loaded_key, decorated inline (worker ids are unique: w is never compared)
+        dec = [
+            (w.running_batch + w.waiting, -w.free_kv_blocks, w.worker_id, w)
+            for w in healthy if w.free_kv_blocks * w.block_size >= n
+        ]
+        dec.sort()
+        return [t[3] for t in dec]
 
-    def route(self, req: RouteRequest, snap: ClusterSnapshot) -> RouteDecision:
-        """Decide where `req` goes. Pure: reads the snapshot, changes nothing."""
+    def evaluate(self, req: RouteRequest, snap: ClusterSnapshot) -> RouteEval:
+        """The decode candidates of `req` on `snap` as it is now (see RouteEval)."""
+        healthy = snap.decode_view()
+        return RouteEval(req, snap, healthy, self._fitting(req, healthy) if healthy else [])
+
+    def route(self, req: RouteRequest, snap: ClusterSnapshot, evaluation: RouteEval | None = None) -> RouteDecision:
+        """Decide where `req` goes. Pure: reads the snapshot, changes nothing.
+
+        `evaluation`: `self.evaluate(req, snap)` computed on this very snapshot state (e.g. by
+        admission just before); ignored when it was made for another request or snapshot."""
         kind = self.policy.kind
-        healthy = snap.decode_workers()
+        if evaluation is None or evaluation.request is not req or evaluation.snapshot is not snap:
+            evaluation = self.evaluate(req, snap)
+        healthy = evaluation.healthy
         if not healthy:
             return RouteDecision(
                 req.request_id, kind, RouteReason.NO_DECODE_WORKER,
                 "no healthy decode-capable worker", no_fit=NoFitAction.REJECT,
                 retry_after_s=self.config.admission.min_retry_after_s,
             )
-        decodes = self._fitting(req, healthy)
+        decodes = evaluation.decodes
         if not decodes:
             most = max(healthy, key=lambda w: (w.free_kv_blocks, w.worker_id))
             need = math.ceil(req.kv_tokens / most.block_size)
@@ -223,15 +311,22 @@ class Router:
                 if c is first:
                     first_why = proj.why
                 continue
-            reason, arith = c.reason, c.arithmetic
+            reason, arith = c.reason, c.arithmetic_text
             if c is not first:
                 reason = RouteReason.POWER_CAPPED
-                arith = (
-                    f"{first.arithmetic}; over budget ({first_why}); took {pl.describe()} "
-                    f"at {proj.after_w:.0f} W"
-                )
+
+                def capped(first: Candidate = first, why: str = first_why, pl: Placement = pl,
+                           after_w: float = proj.after_w) -> str:
+                    return f"{first.arithmetic}; over budget ({why}); took {pl.describe()} at {after_w:.0f} W"
+
+                arith = capped
             elif self.config.power is not None:
-                arith += f"; power {proj.after_w:.0f}/{self.config.power.cluster_w:.0f} W"
+                cap_w = self.config.power.cluster_w
+
+                def with_power(base: Text = arith, after_w: float = proj.after_w, cap_w: float = cap_w) -> str:
+                    return f"{text_of(base)}; power {after_w:.0f}/{cap_w:.0f} W"
+
+                arith = with_power
             return RouteDecision(
                 req.request_id, kind, reason, arith, pl.decode_worker_id, pl.prefill_worker_id,
                 pl.ttft_ms, pl.tpot_ms, pl.energy_j, proj.after_w,
@@ -244,17 +339,18 @@ class Router:
             no_fit=self.config.power.on_no_fit, retry_after_s=self.retry_after_s(snap),
         )
 
-    def best_ttft_ms(self, req: RouteRequest, snap: ClusterSnapshot) -> float | None:
+    def best_ttft_ms(
+        self, req: RouteRequest, snap: ClusterSnapshot, evaluation: RouteEval | None = None
+    ) -> float | None:
         """The lowest predicted TTFT over the least-loaded decode worker and every prefill worker
         (None when no decode worker could take the request). Admission uses it for the SLA check."""
-        decodes = self.decode_candidates(req, snap)
+        if evaluation is None or evaluation.request is not req or evaluation.snapshot is not snap:
+            evaluation = self.evaluate(req, snap)
+        decodes = evaluation.decodes
         if not decodes:
             return None
         est = self.estimator
-        best = est.ttft_ms(req, decodes[0], False)
-        for p in snap.prefill_workers():
-            best = min(best, est.ttft_ms(req, p, True))
-        return best
+        return est.remote_best_ttft_ms(req, snap.prefill_view(), est.ttft_ms(req, decodes[0], False))
 
     def retry_after_s(self, snap: ClusterSnapshot) -> float:
         """When watts should free up: the shortest queued prefill work among busy workers."""
@@ -267,7 +363,9 @@ __all__ = [
     "Candidate",
     "RouteContext",
     "RouteDecision",
+    "RouteEval",
     "RouteReason",
+    "Text",
     "Router",
     "RoutingPolicy",
     "UnknownRoutingPolicy",
@@ -275,4 +373,5 @@ __all__ = [
     "least_loaded_key",
     "make_policy",
     "register_policy",
+    "text_of",
 ]

@@ -94,6 +94,12 @@ class ClusterSnapshot:
     time_s: float = 0.0
     measured_power_w: float | None = None  # cluster total from meters, when every worker has one
     _by_id: dict[str, WorkerSnapshot] = field(default_factory=dict, init=False, repr=False, compare=False)
+    # Built once per snapshot from fields nobody changes (worker_id, pool, role, healthy, KV size):
+    # the router reads them for every request. (The simulator updates load fields in place; it never
+    # touches these.)
+    _decodes: list[WorkerSnapshot] = field(default_factory=list, init=False, repr=False, compare=False)
+    _prefills: list[WorkerSnapshot] = field(default_factory=list, init=False, repr=False, compare=False)
+    _max_kv_tokens: int = field(default=0, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         ws = self.workers
@@ -106,17 +112,35 @@ class ClusterSnapshot:
             dup = sorted({i for i in ids if ids.count(i) > 1})
             raise InvalidRequest(f"duplicate worker ids in snapshot: {', '.join(dup)}")
         object.__setattr__(self, "_by_id", by_id)
+        decodes = [w for w in ws if w.healthy and w.role in _DECODE_ROLES]
+        object.__setattr__(self, "_decodes", decodes)
+        object.__setattr__(self, "_prefills", [w for w in ws if w.healthy and w.role is Role.PREFILL])
+        object.__setattr__(self, "_max_kv_tokens", max((w.total_kv_blocks * w.block_size for w in decodes), default=0))
 
     def worker(self, worker_id: str) -> WorkerSnapshot:
         return self._by_id[worker_id]
 
     def decode_workers(self) -> list[WorkerSnapshot]:
-        """Healthy decode-capable workers (roles decode and both), by worker_id."""
-        return [w for w in self.workers if w.healthy and w.role in _DECODE_ROLES]
+        """Healthy decode-capable workers (roles decode and both), by worker_id (a new list)."""
+        return list(self._decodes)
+
+    def decode_view(self) -> list[WorkerSnapshot]:
+        """`decode_workers()` without the copy, for the router's hot path: do not modify it."""
+        return self._decodes
+
+    def prefill_view(self) -> list[WorkerSnapshot]:
+        """`prefill_workers()` without the copy, for the router's hot path: do not modify it."""
+        return self._prefills
+
+    def max_decode_kv_tokens(self) -> int:
+        """The largest whole KV cache (tokens) of a healthy decode-capable worker; 0 when none."""
+        return self._max_kv_tokens
 
     def prefill_workers(self, pool: str | None = None) -> list[WorkerSnapshot]:
         """Healthy workers of prefill pools (role prefill), optionally of one pool, by worker_id."""
-        return [w for w in self.workers if w.healthy and w.role is Role.PREFILL and (pool is None or w.pool == pool)]
+        if pool is None:
+            return list(self._prefills)
+        return [w for w in self._prefills if w.pool == pool]
 
 
 _DECODE_ROLES = (Role.DECODE, Role.BOTH)

@@ -13,8 +13,22 @@ Per request (asyncio, in the frontend's event loop):
     cancel (client gone): decode.cancel + prefill.cancel free the blocks on both workers.
 
 The router reads a `ClusterSnapshot` built from two sources: this dispatcher's ledger of what it has
-placed (free KV blocks, running requests, queued prefill tokens: exact and never stale, as this
-dispatcher is the only client of its workers) and polled worker telemetry (health, live power).
+placed (exact and never stale, as this dispatcher is the only client of its workers) and polled worker
+telemetry (health, live power). The ledger follows `WorkerSnapshot`'s definitions — the same ones the
+simulator keeps (orchestrator/sim/bridge.py), so both feed the router the same numbers:
+
+    queued_prefill_tokens  prompt tokens placed for prefill on this worker and not yet prefilled:
+                           remote prefill on the prefill worker, from placement until `prefill_to`
+                           returns; local prefill on the decode worker, from placement until a drain
+                           frame says `"prefilled": True` or the request starts decoding
+    running_batch          sequences decoding here: from the decode worker's first sign of decoding
+                           (a drain frame with `"decoding": True`, or the first tokens) to the finish
+    waiting                requests holding KV blocks here that are not decoding yet
+    free_kv_blocks         total − blocks held by every request placed here (reserved at placement)
+
+Capacity is given back when a request finishes or is cancelled; the FIFO of queued requests is
+pumped once per event-loop pass after that, so requests finishing together free their capacity
+before the router looks again (as the simulator frees a whole decode step before it drains).
 """
 
 from __future__ import annotations
@@ -25,7 +39,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,15 +95,22 @@ class _Ledger:
     """What this dispatcher has placed on one worker."""
 
     blocks: dict[str, int] = field(default_factory=dict)  # decode-capable: rid → KV blocks held
-    prefill_tokens: dict[str, int] = field(default_factory=dict)  # rid → prompt tokens in prefill here
+    prefill_tokens: dict[str, int] = field(default_factory=dict)  # rid → prompt tokens to prefill here
+    not_decoding: set[str] = field(default_factory=set)  # rids holding blocks here, not decoding yet
 
 
 class RayDispatcher:
     """ServingBackend over a `Deployment`. Use from one asyncio event loop (the HTTP server's)."""
 
     def __init__(self, config: TandemConfig, deployment: Deployment, metrics: TandemMetrics | None = None,
-                 router: Router | None = None) -> None:
+                 router: Router | None = None, *, clock: Callable[[], float] = time.monotonic,
+                 record_routes: bool = False) -> None:
+        """`clock` stamps snapshots and arrivals (tests inject a simulated one); with `record_routes`
+        every router decision is appended to `route_log`, in order."""
         self.config = config
+        self.clock = clock
+        self.route_log: list[RouteDecision] | None = [] if record_routes else None
+        self._pump_soon = False
         self.deployment = deployment
         self.metrics = metrics or TandemMetrics(config.served_model_name)
         self.router = router or make_router(config)
@@ -137,7 +158,7 @@ class RayDispatcher:
             raise InvalidRequestError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})",
                                       param="prompt", code="invalid_token_id")
         req = RouteRequest(request.request_id, len(request.prompt_token_ids), request.sampling.max_tokens,
-                           request.sla_class, time.monotonic())
+                           request.sla_class, self.clock())
         t0 = time.monotonic()
         decision = self.admission.decide(req, self.snapshot(), self._queue_view())
         self._count_admission(decision)
@@ -200,6 +221,8 @@ class RayDispatcher:
 
     def _count_route(self, d: RouteDecision) -> None:
         self.counters.record_route(d)
+        if self.route_log is not None:
+            self.route_log.append(d)
         self.metrics.route_decisions.labels(self.model_name, d.reason.value).inc()
         log.debug("route %s: %s (%s)", d.request_id, d.reason.value, d.arithmetic)
 
@@ -235,14 +258,22 @@ class RayDispatcher:
         kv_tokens = len(gen.prompt_token_ids) + gen.sampling.max_tokens
         self._ledger[dh.worker_id].blocks[rid] = blocks_for(min(kv_tokens, self.max_model_len),
                                                             int(dh.info["block_size"]))
-        if route.prefill_worker_id is not None:
-            self._ledger[route.prefill_worker_id].prefill_tokens[rid] = len(gen.prompt_token_ids)
+        self._ledger[dh.worker_id].not_decoding.add(rid)
+        prefill_id = route.prefill_worker_id if route.prefill_worker_id is not None else dh.worker_id
+        self._ledger[prefill_id].prefill_tokens[rid] = len(gen.prompt_token_ids)
 
     def _release_ledger(self, rid: str, prefill_only: bool = False) -> None:
         for led in self._ledger.values():
             led.prefill_tokens.pop(rid, None)
             if not prefill_only:
                 led.blocks.pop(rid, None)
+                led.not_decoding.discard(rid)
+
+    def _decoding(self, rid: str) -> None:
+        """The decode worker says `rid` is decoding: its prefill is over, it counts in the running batch."""
+        for led in self._ledger.values():
+            led.prefill_tokens.pop(rid, None)
+            led.not_decoding.discard(rid)
 
     def snapshot(self) -> ClusterSnapshot:
         """The router's view now (see the module docstring for where each number comes from)."""
@@ -255,11 +286,11 @@ class RayDispatcher:
                 worker_id=wid, pool=h.pool.name, role=h.role, hardware=h.pool.hardware,
                 healthy=self._healthy.get(wid, False),
                 queued_prefill_tokens=sum(led.prefill_tokens.values()),
-                running_batch=len(led.blocks), waiting=0,
+                running_batch=len(led.blocks) - len(led.not_decoding), waiting=len(led.not_decoding),
                 free_kv_blocks=max(0, total - sum(led.blocks.values())), total_kv_blocks=total,
                 block_size=int(h.info["block_size"]), power_w=tel.get("power_w"),
             ))
-        return ClusterSnapshot(tuple(ws), time_s=time.monotonic())
+        return ClusterSnapshot(tuple(ws), time_s=self.clock())
 
     # ---- dispatch ---------------------------------------------------------------------------------
     async def _dispatch(self, gen: GenerationRequest, route: RouteDecision, t0: float) -> RayStream:
@@ -300,7 +331,24 @@ class RayDispatcher:
     def _finished(self, rid: str) -> None:
         self._streams.pop(rid, None)
         self._release_ledger(rid)
-        self._pump()
+        self._schedule_pump()
+
+    def _schedule_pump(self) -> None:
+        """Pump the queue once, after every completion already due in this event-loop pass."""
+        if self._pump_soon:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._pump()
+            return
+        self._pump_soon = True
+
+        def run() -> None:
+            self._pump_soon = False
+            self._pump()
+
+        loop.call_soon(run)
 
     # ---- telemetry --------------------------------------------------------------------------------
     def _ensure_poller(self) -> None:
@@ -408,6 +456,10 @@ class RayStream:
                 res = await self.decode.actor.drain.remote(self.request_id, DRAIN_WAIT_S)
                 if res["error"]:
                     raise RequestFailed(f"{self.request_id} failed on {self.decode.worker_id}: {res['error']}")
+                if res["token_ids"] or res.get("decoding"):
+                    self._d._decoding(self.request_id)
+                elif res.get("prefilled"):
+                    self._d._release_ledger(self.request_id, prefill_only=True)
                 if not res["token_ids"] and res["finish_reason"] is None:
                     if self.prefill_task is not None and self.prefill_task.done():
                         exc = self.prefill_task.exception()

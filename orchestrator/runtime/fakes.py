@@ -4,9 +4,11 @@ the real `RayDispatcher` without Ray, torch or gRPC.
 - `FakeActor(impl)`: `handle.method.remote(*args)` returns an awaitable, like a Ray actor handle.
 - `FakeDecodeWorker` / `FakePrefillWorker`: the worker methods the dispatcher calls, with block-free
   bookkeeping; a decode request yields `max_tokens` tokens (token id 65 + i % 26), immediately or,
-  with `hold=True`, only once the test calls `release(request_id)`.
-- `FakeDeployment(config, hold=...)`: one fake worker per pool replica, named `<pool>-<i>` like the
-  real `Deployment`, with the KV geometry of the config.
+  with `hold=True`, only once the test calls `release(request_id)`; before that, `end_local_prefill(rid)`
+  and `start_decoding(rid)` make its next drain frames say `"prefilled": True` / `"decoding": True`. With `hold_prefill=True` a
+  remote prefill returns only once the test calls `finish_prefill(request_id)` on the prefill worker.
+- `FakeDeployment(config, hold=..., hold_prefill=...)`: one fake worker per pool replica, named
+  `<pool>-<i>` like the real `Deployment`, with the KV geometry of the config.
 
     disp = RayDispatcher(config, FakeDeployment(config))
 """
@@ -51,15 +53,23 @@ class FakeDecodeWorker:
         self.calls: list[tuple[str, str]] = []
         self.live: dict[str, SamplingParams] = {}
         self.reserved: set[str] = set()
-        self.gates: dict[str, asyncio.Event] = {}
+        self.signals: dict[str, asyncio.Queue[str]] = {}
         self.healthy = True
 
-    def _gate(self, rid: str) -> asyncio.Event:
-        return self.gates.setdefault(rid, asyncio.Event())
+    def _signals(self, rid: str) -> asyncio.Queue[str]:
+        return self.signals.setdefault(rid, asyncio.Queue())
 
     def release(self, rid: str) -> None:
         """Let a held request produce its tokens."""
-        self._gate(rid).set()
+        self._signals(rid).put_nowait("finish")
+
+    def end_local_prefill(self, rid: str) -> None:
+        """A held request's local prefill is over: its next drain frame says so."""
+        self._signals(rid).put_nowait("prefilled")
+
+    def start_decoding(self, rid: str) -> None:
+        """A held request joins the decode batch: its next drain frame says so (no tokens yet)."""
+        self._signals(rid).put_nowait("decoding")
 
     def submit_local(self, rid: str, ids: list[int], sampling: SamplingParams) -> None:
         self.calls.append(("local", rid))
@@ -76,9 +86,12 @@ class FakeDecodeWorker:
             return {"token_ids": [], "text": "", "finish_reason": FinishReason.CANCELLED, "error": f"unknown {rid}"}
         if self.hold:
             try:
-                await asyncio.wait_for(self._gate(rid).wait(), wait_s)
+                signal = await asyncio.wait_for(self._signals(rid).get(), wait_s)
             except TimeoutError:
                 return {"token_ids": [], "text": "", "finish_reason": None, "error": None}
+            if signal != "finish":
+                return {"token_ids": [], "text": "", "finish_reason": None, "error": None, signal: True}
+        self.signals.pop(rid, None)
         self.live.pop(rid, None)
         self.reserved.discard(rid)
         ids = [65 + i % 26 for i in range(sampling.max_tokens)]
@@ -103,22 +116,34 @@ class FakeDecodeWorker:
 
 
 class FakePrefillWorker:
-    def __init__(self, worker_id: str, deployment: FakeDeployment, kv_bytes_per_token: int = 64) -> None:
+    def __init__(self, worker_id: str, deployment: FakeDeployment, kv_bytes_per_token: int = 64,
+                 hold: bool = False) -> None:
         self.worker_id = worker_id
         self.deployment = deployment
         self.kv_bytes_per_token = kv_bytes_per_token
+        self.hold = hold
+        self.gates: dict[str, asyncio.Event] = {}
         self.calls: list[tuple[str, str]] = []
         self.healthy = True
 
-    def prefill_to(self, rid: str, ids: list[int], sampling: SamplingParams, address: str) -> dict[str, Any]:
+    def finish_prefill(self, rid: str) -> None:
+        """Let a held prefill return (its KV has landed on the decode worker)."""
+        self.gates.setdefault(rid, asyncio.Event()).set()
+
+    async def prefill_to(self, rid: str, ids: list[int], sampling: SamplingParams, address: str) -> dict[str, Any]:
         decode = self.deployment.by_address[address]
         if rid not in decode.reserved:
             raise RuntimeError(f"prefill of {rid} started before {decode.worker_id} reserved its KV")
         self.calls.append(("prefill", rid))
+        if self.hold:
+            await self.gates.setdefault(rid, asyncio.Event()).wait()
+            self.gates.pop(rid, None)
         return {"bytes": self.kv_bytes_per_token * len(ids), "receive_ms": 1.0, "total_ms": 1.0}
 
     def cancel(self, rid: str) -> bool:
         self.calls.append(("cancel", rid))
+        if self.hold:
+            self.finish_prefill(rid)  # a held prefill is aborted: it returns
         return False
 
     def telemetry(self) -> dict[str, Any]:
@@ -141,8 +166,8 @@ class _Spec:
 class FakeDeployment:
     """What `RayDispatcher` reads of a `Deployment`, over fake workers (`impls[worker_id]`)."""
 
-    def __init__(self, config: TandemConfig, *, hold: bool = False, max_model_len: int | None = None,
-                 vocab_size: int = 259) -> None:
+    def __init__(self, config: TandemConfig, *, hold: bool = False, hold_prefill: bool = False,
+                 max_model_len: int | None = None, vocab_size: int = 259) -> None:
         self.config = config
         self.workers: dict[str, WorkerHandle] = {}
         self.impls: dict[str, Any] = {}
@@ -154,7 +179,7 @@ class FakeDeployment:
                 wid = f"{pool.name}-{i}"
                 impl: Any
                 if pool.role is Role.PREFILL:
-                    impl = FakePrefillWorker(wid, self)
+                    impl = FakePrefillWorker(wid, self, hold=hold_prefill)
                     address = None
                 else:
                     impl = FakeDecodeWorker(wid, hold)

@@ -29,7 +29,7 @@ from typing import Any
 from orchestrator.config.models import NoFitAction, TandemConfig
 from orchestrator.core.admission import Admission, AdmissionAction, QueueView
 from orchestrator.core.power import PowerAccountant
-from orchestrator.core.router import RouteDecision, Router
+from orchestrator.core.router import RouteDecision, RouteEval, Router
 from orchestrator.core.snapshot import ClusterSnapshot, RouteRequest, WorkerSnapshot
 from orchestrator.sim.fleet import SimWorker
 from orchestrator.sim.workload import SimRequest
@@ -84,9 +84,9 @@ class CoreBridge:
         _set(self.snapshot, "time_s", now_s)
         return self.snapshot
 
-    def _route(self, rreq: RouteRequest, now_s: float) -> RouteDecision:
+    def _route(self, rreq: RouteRequest, now_s: float, evaluation: RouteEval | None = None) -> RouteDecision:
         snap = self.refresh(now_s)
-        decision = self.router.route(rreq, snap)
+        decision = self.router.route(rreq, snap, evaluation)
         if self.route_calls is not None:
             frozen = ClusterSnapshot(tuple(dataclasses.replace(w) for w in snap.workers), snap.time_s)
             self.route_calls.append((frozen, rreq, decision))
@@ -108,7 +108,8 @@ class CoreBridge:
         if adm.action is AdmissionAction.REJECT:
             return "rejected", adm.reason.value
         if adm.action is AdmissionAction.ADMIT:
-            d = self._route(rreq, now_s)
+            # nothing changed since admission evaluated the request: the router reuses that
+            d = self._route(rreq, now_s, self.admission.last_evaluation)
             if d.placed:
                 return "placed", self._placement(d)
             if d.no_fit is NoFitAction.REJECT:

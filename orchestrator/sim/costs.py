@@ -70,6 +70,18 @@ class SimCosts:
                                   kv_dtype: KVDtype) -> float:
         """`CostModel.decode_step_time_s(hw, lens)` for any `lens` of length `batch` summing to
         `total_context` (same float: same terms, added in the same order)."""
+        c = self._per_row.get((hw, batch, linear_mode, kv_dtype)) or self.step_coefficients(
+            hw, batch, linear_mode=linear_mode, kv_dtype=kv_dtype)
+        compute = self._attn_flops_per_ctx * total_context / c[2]
+        memory = c[4] * (total_context + batch) / c[3]
+        return c[0] + (compute if compute > memory else memory) + c[1]
+
+    def step_coefficients(self, hw: str, batch: int, *, linear_mode: LinearMode,
+                          kv_dtype: KVDtype) -> tuple[float, float, float, float, int]:
+        """(head_s, elementwise_s, attention FLOP/s, memory B/s, KV bytes/token) of a decode step of
+        `batch` sequences: a step over Σ context c takes
+        `head_s + max(flops_per_ctx·c / FLOP/s, kv_bytes·(c + batch) / B/s) + elementwise_s`, added in
+        that order (what `decode_step_time_totals_s` computes; the simulator's decode runs inline it)."""
         key = (hw, batch, linear_mode, kv_dtype)
         c = self._per_row.get(key)
         if c is None:
@@ -80,6 +92,8 @@ class SimCosts:
             c = self._per_row[key] = (head, cm.elementwise_time_s(spec, batch), spec.peak_bf16_tflops * 1e12 *
                                       spec.attention_efficiency, spec.measured_mem_bw_tbps * 1e12,
                                       self._kv_per_token[kv_dtype])
-        compute = self._attn_flops_per_ctx * total_context / c[2]
-        memory = c[4] * (total_context + batch) / c[3]
-        return c[0] + (compute if compute > memory else memory) + c[1]
+        return c
+
+    @property
+    def attention_flops_per_context_token(self) -> float:
+        return self._attn_flops_per_ctx

@@ -72,6 +72,12 @@ class CostFns(Protocol):
     def decode_step_time_totals_s(self, hw: Any, batch: int, total_context: int, *, linear_mode: Any,
                                   kv_dtype: Any) -> float: ...
 
+    def step_coefficients(self, hw: Any, batch: int, *, linear_mode: Any,
+                          kv_dtype: Any) -> tuple[float, float, float, float, int]: ...
+
+    @property
+    def attention_flops_per_context_token(self) -> float: ...
+
     def exposed_transfer_time_s(self, hw_prefill: Any, num_tokens: int, kv_dtype: Any, link: Any = None,
                                 *, linear_mode: Any) -> float: ...
 
@@ -333,13 +339,18 @@ class Simulator:
             if k > w.run_len:
                 k = w.run_len
             ctx = w.sum_bases + n * w.step
-            step_time = self.cost.decode_step_time_totals_s
-            hw, lm, kv = w.hardware, w.linear_mode, w.kv_dtype
+            # cost.decode_step_time_totals_s inlined (same terms, same order: the same floats)
+            head, elem, flops_s, bytes_s, kv_bytes = self.cost.step_coefficients(
+                w.hardware, n, linear_mode=w.linear_mode, kv_dtype=w.kv_dtype)
+            per_ctx = self.cost.attention_flops_per_context_token
             bounds = []
+            add = bounds.append
             tt = t
             for _ in range(k):
-                tt += step_time(hw, n, ctx, linear_mode=lm, kv_dtype=kv)
-                bounds.append(tt)
+                compute = per_ctx * ctx / flops_s
+                memory = kv_bytes * (ctx + n) / bytes_s
+                tt += head + (compute if compute > memory else memory) + elem
+                add(tt)
                 ctx += n
             w.run_bounds = bounds
             w.run_version += 1

@@ -1,8 +1,6 @@
 """Contract: the simulator and a runtime-style dispatch loop take the same routing decisions.
 
-The runtime's live dispatcher (`orchestrator/runtime/dispatcher.py`, `RayDispatcher`) needs Ray
-actor handles and wall time, and exposes no driver that fake workers can run in-process on a
-simulated clock. So the runtime side here is an in-process dispatch loop built only from the core's
+The runtime side here is an in-process dispatch loop built only from the core's
 public objects and ports, the way `RayDispatcher` uses them: a freshly constructed `Router` (same
 config, a separately built cost model), the `RecordingDispatcher` port, and each snapshot rebuilt
 through the `ClusterSnapshot(...)` / `WorkerSnapshot(...)` constructors from plain recorded values.
@@ -10,6 +8,9 @@ The simulator records every (snapshot, request) it hands its router (the bridge 
 `RayDispatcher`'s sequence: admission → route → FIFO queue pumped on finish); the loop replays that
 sequence and must produce the same (request, decode worker, prefill worker, reason) for every
 request, in the same order — and the simulator must have executed exactly those placements.
+
+This checks the simulator's side of the seam alone (its in-place snapshot upkeep, its decision log,
+a router with no hidden state); the live `RayDispatcher` is compared in test_sim_vs_runtime.py.
 """
 
 from __future__ import annotations

@@ -140,3 +140,15 @@ def test_backend_is_registered_graph_safe():
     table = ops.get_ops("cpu", backend=eb.BACKEND_NAME)
     assert table.graph_safe and table.rope_kv_write is eb.rope_kv_write
     assert not ops.REFERENCE_OPS.graph_safe
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_quantize_kv_adapter_matches_engine_reference(dev, gen):
+    R = ops.REFERENCE_OPS
+    x = (3 * torch.randn(7, 2, 64, generator=gen)).to(torch.bfloat16).to(dev)
+    (q, s), (qr, sr) = eb.quantize_kv(x, KVDtype.FP8_E4M3), R.quantize_kv(x, KVDtype.FP8_E4M3)
+    assert q.dtype == qr.dtype == torch.float8_e4m3fn and s.shape == sr.shape == (7, 2)
+    assert rel_err(s, sr) < 1e-5
+    assert (q.float() != qr.float()).float().mean().item() < 0.01
+    (b, none), (br, _) = eb.quantize_kv(x, KVDtype.BF16), R.quantize_kv(x, KVDtype.BF16)
+    assert none is None and torch.equal(b, br)

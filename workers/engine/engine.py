@@ -278,23 +278,26 @@ class Engine(KVImportMixin):
 
     def _decode_batch(self, seqs: list[Sequence]) -> list[TokenOutput]:
         positions = [s.num_tokens - 1 for s in seqs]
+        bs = self.block_size
         for s, pos in zip(seqs, positions, strict=True):
-            assert s.num_cached == pos and pos < len(s.blocks) * self.block_size, "KV reservation invariant"
+            assert s.num_cached == pos and pos < len(s.blocks) * bs, "KV reservation invariant"
         width = max(len(s.blocks) for s in seqs)
-        tables = torch.zeros((len(seqs), width), dtype=torch.int64)
-        for i, s in enumerate(seqs):
-            tables[i, : len(s.blocks)] = torch.tensor(s.blocks, dtype=torch.int64)
-        pos_t = torch.tensor(positions, dtype=torch.int64)
-        slots = tables[torch.arange(len(seqs)), pos_t // self.block_size] * self.block_size + pos_t % self.block_size
-        tokens = torch.tensor([s.last_token for s in seqs], dtype=torch.int64)
         logits = None
         if self._graphs is not None and self._graphs.fits(len(seqs), width):
+            slot_list = [s.blocks[pos // bs] * bs + pos % bs for s, pos in zip(seqs, positions, strict=True)]
             try:
-                logits = self._graphs.run(tokens, pos_t, slots, tables, pos_t + 1)
+                logits = self._graphs.run([s.last_token for s in seqs], positions, slot_list,
+                                          [s.blocks for s in seqs], tuple(s.serial for s in seqs))
             except Exception:  # a capture that fails disables graphs; this step runs eagerly
                 log.exception("CUDA graph capture/replay failed; decoding eagerly from now on")
                 self._graphs.failed = True
         if logits is None:
+            tables = torch.zeros((len(seqs), width), dtype=torch.int64)
+            for i, s in enumerate(seqs):
+                tables[i, : len(s.blocks)] = torch.tensor(s.blocks, dtype=torch.int64)
+            pos_t = torch.tensor(positions, dtype=torch.int64)
+            slots = tables[torch.arange(len(seqs)), pos_t // bs] * bs + pos_t % bs
+            tokens = torch.tensor([s.last_token for s in seqs], dtype=torch.int64)
             dev = self.device
             logits = self.model.decode(
                 tokens.to(dev), pos_t.to(dev), self.cache, slots.to(dev), tables.to(dev), (pos_t + 1).to(dev)

@@ -25,7 +25,7 @@ Signatures (shapes in comments; T tokens, H query heads, Hk KV heads, D head dim
                bias [N] | None, out_dtype) -> [T, N]
     prefill_attention(q [T, H, D], k [T, Hk, D], v [T, Hk, D], sm_scale) -> [T, H, D]    (causal)
     paged_attention_decode(q [B, H, D], k_cache [NB, bs, Hk, D], v_cache, k_scale [NB, bs, Hk] | None,
-                           v_scale, block_tables [B, max_blocks] int64, context_lens [B] int64,
+                           v_scale, block_tables [B, max_blocks] int64 (int32 under CUDA graphs), context_lens [B] int64,
                            sm_scale) -> [B, H, D]
     kv_write(k_cache, v_cache, k_scale | None, v_scale | None, slots [T] int64, k [T, Hk, D], v,
              kv_dtype: KVDtype) -> None                                 (decode: quantize per token per KV head)
@@ -186,6 +186,10 @@ def _scaled_mm_cuda(
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> torch.Tensor:
     group = q.shape[1] // k.shape[1]
     qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, T, D]
+    if q.is_cuda:  # the flash kernel reads the shared K/V heads itself (no repeat_interleave copy)
+        kh, vh = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=sm_scale, enable_gqa=group > 1)
+        return out.squeeze(0).transpose(0, 1)
     kh = k.repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0)
     vh = v.repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0)
     out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=sm_scale)

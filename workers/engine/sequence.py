@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import itertools
 from dataclasses import dataclass, field
 
 from orchestrator.core.types import SamplingParams
@@ -27,6 +28,7 @@ class Sequence:
     pending_first: int | None = None  # imported first token, emitted by the next step
     reserved_tokens: int = 0  # KV import: tokens the reservation holds
     written: list[bytearray] = field(default_factory=list)  # KV import: per layer, 1 per written token
+    serial: int = field(default_factory=itertools.count().__next__)  # unique per Sequence object in a process
 
     @property
     def num_tokens(self) -> int:

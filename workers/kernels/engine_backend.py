@@ -19,6 +19,7 @@ from orchestrator.core.types import KVDtype
 
 try:
     from workers.engine import ops as _ops
+    from workers.engine.fp8 import kv_storage_dtype
     from workers.kernels.attention import paged_decode_attention as _attn
     from workers.kernels.gemm import fp8_linear as _fp8_linear
     from workers.kernels.kv_cache import kv_write as _kv_write
@@ -71,6 +72,14 @@ def rope_kv_write(qkv, positions, inv_freq, num_heads, slots, k_cache, v_cache, 
     return _rope_kv_write(qkv, positions, inv_freq.float(), num_heads, slots, k_cache, v_cache, k_scale, v_scale)
 
 
+def quantize_kv(x: torch.Tensor, kv_dtype: KVDtype):  # type: ignore[no-untyped-def]
+    """Prefill KV [T, Hk, D] → (fp8 [T, Hk, D], scales [T, Hk]) in one launch; bf16 KV is a plain cast."""
+    kv_dtype = KVDtype(kv_dtype)
+    if not kv_dtype.is_fp8:
+        return _ops.REFERENCE_OPS.quantize_kv(x, kv_dtype)
+    return quantize_per_token(x, kv_storage_dtype(kv_dtype))
+
+
 def silu_mul_quant_op(gate_up: torch.Tensor, fp8_dtype: torch.dtype):
     q, s = silu_mul_quant(gate_up, fp8_dtype)
     return q, s.unsqueeze(-1)
@@ -108,6 +117,7 @@ IMPLS = {
     "add_rms_norm": add_rms_norm,
     "add_rms_norm_quant": add_rms_norm_quant,
     "rope_kv_write": rope_kv_write,
+    "quantize_kv": quantize_kv,
 }
 
 

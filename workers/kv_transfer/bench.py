@@ -1,11 +1,13 @@
 """`tandem bench kv-transfer`: KV transfer throughput over loopback gRPC vs a raw TCP socket.
 
 For each (prompt length, KV dtype) it moves one prompt's KV of a model shape (synthetic tensors,
-`orchestrator/core/model_shape.py`) through a real KVTransferServer on 127.0.0.1 (frames, crc32,
+`orchestrator/core/model_shape.py`) through a real KVTransferServer on 127.0.0.1 (frames, CRC32C,
 validation, assembly; the sink discards) and, in the same run, the same payload bytes through a
 plain TCP socket (sendall / recv_into, nothing else): the ceiling. It prints GB/s of both, their
 ratio, bytes of bf16 vs fp8, and how much of the transfer layer-wise streaming hides behind a
-simulated per-layer prefill compute delay (stream while "computing" vs send after prefill).
+simulated per-layer prefill compute delay (stream while "computing" vs send after prefill). Where
+the time goes (`bench_stages.py`): the same frames through a bare raw-bytes gRPC stream, the framing
+and verification rates alone, and CPU seconds per GB on each end of each transport.
 
     tandem bench kv-transfer --model-shape llama-3.1-8b-shape --tokens 1024,8192 --kv-dtype bf16,fp8_e4m3 \
         --streams 1 --out benchmarks/kv_transfer.json

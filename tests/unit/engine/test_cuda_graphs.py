@@ -65,3 +65,32 @@ def test_graph_decode_matches_eager(model, num_layers, linear, kv, batch):
     assert graphs._graphs is not None and graphs._graphs.num_graphs >= 1 and not graphs._graphs.failed
     assert got == expected
     assert all(len(t) == 12 for t in got)
+
+
+@pytest.mark.gpu
+@needs_compiled_triton
+def test_graph_decode_matches_eager_as_the_batch_changes():
+    """Requests finish at different steps and others join mid-run: the batch shrinks, grows and changes
+    its block tables, so the graph runner must re-upload tables whenever the batch changes."""
+    kw = dict(device="cuda", dtype=ComputeDtype.BF16, linear_mode=LinearMode.FP8_DYNAMIC, kv_dtype=KVDtype.FP8_E4M3)
+    results = []
+    for graphs in (False, True):
+        eng = make_engine(cuda_graphs=graphs, **kw)
+        ps = prompts(6, base_len=7)
+        out: dict[str, list[int]] = {}
+        for i in range(3):
+            eng.add_request(f"a{i}", ps[i], greedy(4 + 4 * i))
+        for step in range(60):
+            if step in (3, 6, 7):
+                j = {3: 3, 6: 4, 7: 5}[step]
+                eng.add_request(f"b{j}", ps[j], greedy(6))
+            for o in eng.step():
+                out.setdefault(o.request_id, []).append(o.token_id)
+            if not eng.has_unfinished() and step > 7:
+                break
+        eng.assert_no_leaks()
+        results.append(out)
+        if graphs:
+            assert eng._graphs is not None and eng._graphs.num_graphs >= 2 and not eng._graphs.failed
+    assert results[1] == results[0]
+    assert sorted(len(v) for v in results[1].values()) == [4, 6, 6, 6, 8, 12]
