@@ -116,6 +116,31 @@ class PowerAccountant:
             pools[w.pool] = get(w.pool, 0.0) + now
         return total, pools
 
+    def cluster_total_w(self, snap: ClusterSnapshot) -> float:
+        """`totals(snap)[0]` (the same float: the same sum in the same order) without the pool sums."""
+        total = 0.0
+        hw_w = self._hw_w
+        for w in snap.workers:
+            now = w.power_w
+            if now is None:
+                t = hw_w.get(w.hardware)
+                if t is None:
+                    self.worker_w(w)
+                    t = hw_w[w.hardware]
+                now = t[1] if w.queued_prefill_tokens > 0 else t[2] if w.running_batch > 0 else t[0]
+            total += now
+        return total
+
+    def after_w(self, before_w: float, prefill: WorkerSnapshot | None, decode: WorkerSnapshot) -> float:
+        """`project(...).after_w` from the cluster's draw before (the same float, without the pools)."""
+        p = prefill or decode
+        now = self.worker_w(p)
+        after = before_w + (max(now, self.phase_w(p.hardware, Phase.PREFILL)) - now)
+        if prefill is not None:
+            now = self.worker_w(decode)
+            after += max(now, self.phase_w(decode.hardware, Phase.DECODE)) - now
+        return after
+
     def project(
         self,
         snap: ClusterSnapshot,

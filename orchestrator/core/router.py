@@ -296,6 +296,16 @@ class Router:
                 no_fit=NoFitAction.QUEUE if ever else NoFitAction.REJECT,
                 retry_after_s=self.config.admission.min_retry_after_s,
             )
+        if self.config.power is None and self.power.budget is None:
+            # no budget: the policy's first choice always fits; only the projected draw is reported
+            c = next(iter(self.policy.candidates(req, snap, decodes, self.ctx)))
+            pl = c.placement
+            prefill = None if pl.prefill_worker_id is None else snap.worker(pl.prefill_worker_id)
+            after_w = self.power.after_w(self.power.cluster_total_w(snap), prefill, snap.worker(pl.decode_worker_id))
+            return RouteDecision(
+                req.request_id, kind, c.reason, c.arithmetic_text, pl.decode_worker_id, pl.prefill_worker_id,
+                pl.ttft_ms, pl.tpot_ms, pl.energy_j, after_w,
+            )
         first: Candidate | None = None
         first_why = ""
         tried = 0

@@ -343,7 +343,7 @@ class Simulator:
             head, elem, flops_s, bytes_s, kv_bytes = self.cost.step_coefficients(
                 w.hardware, n, linear_mode=w.linear_mode, kv_dtype=w.kv_dtype)
             per_ctx = self.cost.attention_flops_per_context_token
-            bounds = []
+            bounds: list[float] = []
             add = bounds.append
             tt = t
             for _ in range(k):

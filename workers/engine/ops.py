@@ -25,7 +25,7 @@ Signatures (shapes in comments; T tokens, H query heads, Hk KV heads, D head dim
                bias [N] | None, out_dtype) -> [T, N]
     prefill_attention(q [T, H, D], k [T, Hk, D], v [T, Hk, D], sm_scale) -> [T, H, D]    (causal)
     paged_attention_decode(q [B, H, D], k_cache [NB, bs, Hk, D], v_cache, k_scale [NB, bs, Hk] | None,
-                           v_scale, block_tables [B, max_blocks] int64 (int32 under CUDA graphs), context_lens [B] int64,
+                           v_scale, block_tables [B, max_blocks] int64, context_lens [B] int64,
                            sm_scale) -> [B, H, D]
     kv_write(k_cache, v_cache, k_scale | None, v_scale | None, slots [T] int64, k [T, Hk, D], v,
              kv_dtype: KVDtype) -> None                                 (decode: quantize per token per KV head)
@@ -37,8 +37,9 @@ Signatures (shapes in comments; T tokens, H query heads, Hk KV heads, D head dim
         a kernel backend. Slot -1 = skip the token: backends must honour it, the reference needs slots >= 0)
 
 A backend registered with `graph_safe=True` promises that its decode ops (all of the above that decode
-uses) make no host synchronisation and honour slot -1, so the engine may capture decode steps in CUDA
-graphs with padded batches.
+uses) make no host synchronisation, honour slot -1 and accept int32 index tensors (token ids, positions,
+slots, block tables, context lengths: the engine's CUDA graphs feed int32), so the engine may capture
+decode steps in CUDA graphs with padded batches.
 """
 
 from __future__ import annotations
