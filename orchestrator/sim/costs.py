@@ -12,8 +12,10 @@
   assembled from the cost model's own pieces, in the same order of operations, so it returns the
   very same float; `tests/unit/sim/test_costs.py` checks that bit for bit on random batches for
   every catalog device, linear mode and KV dtype, and fails if the cost model's formula changes.
-  (The clean fix is a `CostModel.decode_step_time_from_totals_s` in core; until then this seam is
-  here.)
+  The core now has the same O(1) entry point (`CostModel.decode_step_time_sum_s`); this class keeps
+  its own decomposition because the simulator's decode runs inline it per step
+  (`step_coefficients`): a method call with keywords and a spec lookup per step cost more than the
+  step's arithmetic. The test above keeps the two bit-identical.
 """
 
 from __future__ import annotations
