@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
 from orchestrator.config.models import NoFitAction, TandemConfig
@@ -131,10 +132,14 @@ class CoreBridge:
     def queued(self) -> int:
         return len(self.queue)
 
-    def drain(self, now_s: float) -> list[tuple[SimRequest, str, Any]]:
-        """Place queued requests, FIFO, while the router can. Returns (request, "placed", placement)
-        for each request that left the queue, in order."""
-        out: list[tuple[SimRequest, str, Any]] = []
+    def drain(self, now_s: float) -> Iterator[tuple[SimRequest, str, Any]]:
+        """Place queued requests, FIFO, while the router can: yields (request, "placed", placement)
+        for each request that leaves the queue, in order.
+
+        A generator on purpose: the caller dispatches each placement (taking its blocks, prefill
+        tokens and hence modelled power) before the router is asked about the next request, exactly
+        as the runtime's dispatcher pumps its queue. Routing the whole queue against one snapshot
+        would let a single finish release more requests than the power cap or the KV room allows."""
         q = self.queue
         while q:
             req, rreq, name = q[0]
@@ -143,8 +148,7 @@ class CoreBridge:
                 break
             q.popleft()
             self._waiting[name] -= 1
-            out.append((req, "placed", self._placement(d)))
-        return out
+            yield (req, "placed", self._placement(d))
 
     def abandon(self) -> list[SimRequest]:
         """Empty the queue (end of run): the requests that were never placed."""

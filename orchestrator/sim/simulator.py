@@ -46,8 +46,9 @@ class Decisions(Protocol):
         ("queued", reason) or ("rejected", reason)."""
         ...
 
-    def drain(self, now_s: float) -> list[tuple[SimRequest, str, Any]]:
-        """Queued requests that can now be placed (or must be rejected), in order."""
+    def drain(self, now_s: float) -> Iterable[tuple[SimRequest, str, Any]]:
+        """Queued requests that can now be placed (or must be rejected), in order; each is dispatched
+        before the next is routed (so an implementation may be a generator)."""
         ...
 
     @property

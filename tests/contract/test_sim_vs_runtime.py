@@ -19,13 +19,10 @@ request identically — which is exactly what is asserted: the first differing d
 The workloads are Poisson bursts (30 req/s onto 5 decode workers), so requests queue on prefill
 workers, in decode batches and — in the power-capped case — in admission's FIFO.
 
-Known gap (power-capped): the shipped simulator (`CoreBridge.drain`) routes every queued request
-that places against one snapshot and dispatches them only afterwards, so a finish that frees power
-lets the whole FIFO through at once (up to 112 requests in this workload, over the cap); the runtime
-reserves each placement before routing the next. The power-capped contract therefore runs the
-simulator with its FIFO drained one placement at a time (`_OneByOneDrainSimulator`, the only change),
-and `test_shipped_simulator_drain_diverges_under_a_power_cap` pins the divergence (strict xfail: it
-starts failing once the bridge is fixed, and the override can go).
+In the power-capped case a finish that frees power lets queued requests through one at a time on
+both sides: the simulator's `CoreBridge.drain` yields each placement and the simulator dispatches it
+(taking its blocks and prefill tokens, hence modelled power) before the router sees the next request,
+as `RayDispatcher` reserves each placement before routing the next.
 """
 
 from __future__ import annotations
@@ -80,24 +77,6 @@ class _TracingSimulator(Simulator):
         for req in before[:len(before) - len(w.ready)]:  # joined the batch (taken from the front)
             self.trace.append((t, JOIN, req.request_id))
         return ev
-
-
-class _OneByOneDrainSimulator(_TracingSimulator):
-    """The traced simulator with its admission FIFO drained as `RayDispatcher._pump` does: each placed
-    request takes its capacity (blocks, prefill tokens, hence modelled power) before the router is asked
-    about the next one. The shipped `CoreBridge.drain` routes the whole run of queued requests against
-    one snapshot and only then dispatches them (see `test_..._power-capped_shipped_drain`)."""
-
-    def _drain_admission(self, t, out):  # type: ignore[no-untyped-def]
-        b = self.decisions
-        while b.queue:
-            req, rreq, name = b.queue[0]
-            d = b._route(rreq, t)
-            if not d.placed:
-                break
-            b.queue.popleft()
-            b._waiting[name] -= 1
-            self._dispatch(req, b._placement(d), t, out)
 
 
 def _run_sim(config, reqs, sim_class=_TracingSimulator):
@@ -195,8 +174,7 @@ def _workload():
 def test_simulator_and_ray_dispatcher_route_identically(scenario):
     config = make_spec(**SCENARIOS[scenario])
     reqs = _workload()
-    sim_class = _OneByOneDrainSimulator if scenario == "power-capped" else _TracingSimulator
-    sim, rep, sim_keys, events = _run_sim(config, reqs, sim_class)
+    sim, rep, sim_keys, events = _run_sim(config, reqs)
     assert rep.finished == NUM_REQUESTS and rep.rejected == 0
     assert all(w.max_reserve_q == 0 for w in sim.workers)  # no request ever waited for blocks it was routed to
 
@@ -220,13 +198,3 @@ def test_simulator_and_ray_dispatcher_route_identically(scenario):
         assert refused, "the power cap never queued a request"
     if scenario == "threshold":
         assert {k[2] is None for k in runtime_keys} == {True, False}  # local and remote prefills both
-
-
-@pytest.mark.xfail(strict=True, reason="CoreBridge.drain routes the whole queued run against one snapshot "
-                   "before dispatching any of it; RayDispatcher reserves each placement first")
-def test_shipped_simulator_drain_diverges_under_a_power_cap():
-    config = make_spec(**SCENARIOS["power-capped"])
-    reqs = _workload()
-    sim, _, sim_keys, events = _run_sim(config, reqs, _TracingSimulator)
-    disp, _, _ = _run_runtime(config, sim, reqs, events)
-    assert [d.key() for d in disp.route_log or [] if d.placed] == sim_keys
