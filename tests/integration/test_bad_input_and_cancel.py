@@ -79,14 +79,22 @@ def _raw_stream(svc, body: dict) -> socket.socket:
 
 @pytest.mark.parametrize("prompt", ["Hi", LONG], ids=["local-prefill", "remote-prefill"])
 def test_disconnect_mid_stream_frees_blocks_on_both_workers(disagg, prompt):
-    before = _tokens_generated(disagg)
-    s = _raw_stream(disagg, {"model": "tiny", "prompt": prompt, "max_tokens": 400, "ignore_eos": True})
-    got = b""
-    while got.count(b"data: ") < 3:  # a few tokens arrived: the request is decoding
-        got += s.recv(4096)
-    s.close()
-    assert wait_no_leaks(disagg, timeout_s=3) == []
-    assert _tokens_generated(disagg) - before < 400  # stopped early: cancelled, not finished
+    # The tiny model decodes a few hundred tokens in well under a second on CPU, so a disconnect can
+    # race the natural finish. Every attempt must leave no block held; at least one of a few attempts
+    # must have been cut short (a cancel path that never works fails every attempt).
+    stopped_early = []
+    for _ in range(5):
+        before = _tokens_generated(disagg)
+        s = _raw_stream(disagg, {"model": "tiny", "prompt": prompt, "max_tokens": 400, "ignore_eos": True})
+        got = b""
+        while got.count(b"data: ") < 2:  # tokens arrived: the request is decoding
+            got += s.recv(4096)
+        s.close()
+        assert wait_no_leaks(disagg, timeout_s=3) == []
+        stopped_early.append(_tokens_generated(disagg) - before < 400)
+        if stopped_early[-1]:
+            break
+    assert any(stopped_early), "no disconnect cancelled its request before it finished"
 
 
 def test_disconnect_before_first_token_frees_blocks(disagg):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import logging
 import queue
 import threading
 import time
@@ -33,6 +34,10 @@ from workers.kv_transfer.security import (
 from workers.kv_transfer.sender import DEFAULT_CHUNK_BYTES, KVStream
 from workers.kv_transfer.server import channel_options
 from workers.kv_transfer.wire import DEFAULT_MAX_FRAME_BYTES, MAX_HEADER_BYTES, PROTOCOL_VERSION
+
+log = logging.getLogger(__name__)
+
+ABORT_CANCEL_TIMEOUT_S = 2.0  # abort()'s best-effort Cancel RPC; the receiver's lease is the backstop
 
 DEFAULT_PREFETCH_FRAMES = 2  # frames framed ahead of gRPC's send (see GrpcKVStream)
 
@@ -170,6 +175,7 @@ class GrpcKVStream(KVStream):
         # frames ready for gRPC: bytes, the framer's exception, or None (end of stream)
         self._frames: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=max(1, int(prefetch_frames)))
         self._stop = threading.Event()
+        self._client = client
         self._future: grpc.Future | None = None
         self._framer = threading.Thread(target=self._frame_loop, name="kv-tx-framer", daemon=True)
         self._framer.start()
@@ -277,6 +283,14 @@ class GrpcKVStream(KVStream):
 
     def abort(self) -> None:
         self.closed = True
+        # Tell the receiver first, so that it records a cancellation (not a truncated stream) and frees
+        # the reservation even when the call never reached its handler. Best effort: when the
+        # receiver is unreachable its lease frees the blocks.
+        try:
+            self._client._cancel(control.encode_cancel(self.request_id), timeout=ABORT_CANCEL_TIMEOUT_S,
+                                 metadata=self._client._md)
+        except Exception:  # noqa: BLE001 - the peer may be gone; the lease frees the blocks then
+            log.debug("cancel of %s on abort did not reach the receiver", self.request_id)
         self._stop.set()  # the framer and gRPC's iterator both return within 50 ms
         if self._future is not None:
             self._future.cancel()
