@@ -101,7 +101,7 @@ def send(base_url: str, model: str, item: dict[str, Any]) -> dict[str, Any]:
 
 
 def _pcts(xs: list[float]) -> dict[str, float | None]:
-    from orchestrator.runtime.dispatcher import percentile
+    from orchestrator.runtime.stream import percentile
 
     return {f"p{p}": (None if (v := percentile(xs, p)) is None else round(v * 1e3, 2)) for p in (50, 90, 99)}
 

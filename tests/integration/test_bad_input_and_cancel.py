@@ -98,12 +98,18 @@ def test_disconnect_mid_stream_frees_blocks_on_both_workers(disagg, prompt):
 
 
 def test_disconnect_before_first_token_frees_blocks(disagg):
-    before = _tokens_generated(disagg)
-    s = _raw_stream(disagg, {"model": "tiny", "prompt": LONG * 3, "max_tokens": 200, "ignore_eos": True})
-    time.sleep(0.05)  # reserved on decode and prefill running or queued, no token yet
-    s.close()
-    assert wait_no_leaks(disagg, timeout_s=3) == []
-    assert _tokens_generated(disagg) - before < 200
+    # As above, the disconnect races a fast tiny model: all attempts must free everything, one must stop early.
+    stopped_early = []
+    for _ in range(5):
+        before = _tokens_generated(disagg)
+        s = _raw_stream(disagg, {"model": "tiny", "prompt": LONG * 3, "max_tokens": 200, "ignore_eos": True})
+        time.sleep(0.05)  # reserved on decode and prefill running or queued, no token yet
+        s.close()
+        assert wait_no_leaks(disagg, timeout_s=3) == []
+        stopped_early.append(_tokens_generated(disagg) - before < 200)
+        if stopped_early[-1]:
+            break
+    assert any(stopped_early), "no early disconnect cancelled its request before it finished"
 
 
 def test_openai_client_closing_stream_cancels(disagg):

@@ -73,13 +73,21 @@ def test_cancelled_reservation_fails_the_prefill_and_frees_both(workers):
 
 
 def test_cancel_while_decoding_frees_blocks(workers):
+    # The tiny model decodes hundreds of tokens in well under a second, so a cancel can race the natural
+    # finish: every attempt must leave nothing held, and at least one of a few must catch the request live.
     d, _ = workers
     ids = d.encode("a long generation")
-    d.submit_local("long", ids, SamplingParams(max_tokens=200, ignore_eos=True))
-    while not d.drain("long", 1.0)["token_ids"]:
-        pass
-    assert d.cancel("long") is True
-    assert d.check_leaks() is None
+    caught_live = []
+    for attempt in range(5):
+        rid = f"long-{attempt}"
+        d.submit_local(rid, ids, SamplingParams(max_tokens=480, ignore_eos=True))
+        while not d.drain(rid, 1.0)["token_ids"]:
+            pass
+        caught_live.append(d.cancel(rid))
+        assert d.check_leaks() is None
+        if caught_live[-1]:
+            break
+    assert any(caught_live), "cancel never found the request still decoding"
 
 
 def test_reserve_beyond_capacity_is_a_typed_error(workers):
