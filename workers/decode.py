@@ -41,6 +41,7 @@ class WorkerSpec:
     hardware: str
     accelerator: str | None = None
     model: str = "tiny"
+    engine: str = "native"  # a key of ENGINES: native | vllm
     engine_kwargs: dict[str, Any] = field(default_factory=dict)  # EngineConfig fields
     kv_kind: str = "grpc"  # grpc | inprocess (inprocess: no receiver; colocated only)
     auth_token: str | None = None
@@ -66,11 +67,28 @@ def kv_bind_host(spec: WorkerSpec) -> str:
     return "127.0.0.1"
 
 
-def build_engine(spec: WorkerSpec) -> Any:
-    """Construct the native engine of a spec (imports torch; call inside the actor)."""
+def _native_engine(spec: WorkerSpec) -> Any:
     from workers.engine import Engine, EngineConfig
 
     return Engine(EngineConfig(model=spec.model, **spec.engine_kwargs))
+
+
+def _vllm_engine(spec: WorkerSpec) -> Any:
+    from workers.vllm_engine import VLLMEngine, VLLMEngineConfig
+
+    return VLLMEngine(VLLMEngineConfig.from_engine_kwargs(spec.model, spec.engine_kwargs))
+
+
+# The engines a worker can run, by name; each imports its backend only when chosen.
+ENGINES = {"native": _native_engine, "vllm": _vllm_engine}
+
+
+def build_engine(spec: WorkerSpec) -> Any:
+    """Construct the spec's engine (imports torch, and vLLM for `vllm`; call inside the actor)."""
+    make = ENGINES.get(spec.engine)
+    if make is None:
+        raise WorkerError(f"{spec.worker_id}: unknown engine {spec.engine!r}; known: {', '.join(sorted(ENGINES))}")
+    return make(spec)
 
 
 def tls_config(spec: WorkerSpec) -> Any:
@@ -318,7 +336,7 @@ class DecodeWorker:
             return {
                 "worker_id": self.spec.worker_id, "healthy": self.ping(),
                 "free_kv_blocks": e.num_free_blocks, "total_kv_blocks": e.num_total_blocks,
-                "running": len(e._running), "waiting": len(e._waiting) + len(e._ready),
+                "running": e.num_running_requests, "waiting": e.num_waiting_requests,
                 "reserved": len(self._pending_sampling), "outboxes": len(self._outboxes),
                 "power_w": self._meter.read_w(self.spec.worker_id), "power_source": self._meter.source,
                 **self._stats,
@@ -345,3 +363,5 @@ class DecodeWorker:
         with self._cv:
             self._cv.notify_all()
         self._loop.join(5)
+        if hasattr(self.engine, "shutdown"):
+            self.engine.shutdown()

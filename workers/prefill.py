@@ -163,3 +163,5 @@ class PrefillWorker:
             for c in self._clients.values():
                 c.close()
             self._clients.clear()
+        if hasattr(self.engine, "shutdown"):
+            self.engine.shutdown()

@@ -30,7 +30,7 @@ from orchestrator.config.models import (
     TiersRouting,
 )
 from orchestrator.core.model_shape import PRESETS
-from orchestrator.core.types import Role
+from orchestrator.core.types import EngineKind, Role
 
 _ROUTING: TypeAdapter[Any] = TypeAdapter(RoutingConfig)
 
@@ -182,6 +182,14 @@ def check_parts(parts: Parts, catalog_loader: Callable[[], Any | None] = _load_c
                     f"pools disagree on KV dtype ({p.engine.kv_dtype.value} here, model.kv_dtype "
                     f"{model.kv_dtype.value}); KV moves between pools, so every pool must store the same",
                 )
+            if p.engine.kind is EngineKind.VLLM:
+                bs = p.engine.block_size or model.block_size
+                if bs % 32:
+                    add(f"pools[{i}].engine.block_size",
+                        f"{bs}: a vllm pool needs a block size that is a multiple of 32 (vLLM's CPU kernels)")
+                if model.path is None:
+                    add(f"pools[{i}].engine.kind",
+                        "a vllm pool needs model.path (a local checkpoint directory); built-in presets are native-only")
             mml = p.engine.max_model_len
             if mml is not None and mml != model.max_model_len:
                 add(

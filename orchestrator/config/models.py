@@ -10,9 +10,9 @@ from __future__ import annotations
 import enum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from orchestrator.core.types import ComputeDtype, FP8Format, KVDtype, LinearMode, Role
+from orchestrator.core.types import ComputeDtype, EngineKind, FP8Format, KVDtype, LinearMode, Role
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
@@ -88,14 +88,24 @@ class PlacementConfig(_Frozen):
 
 
 class EngineOverrides(_Frozen):
-    """Per-pool engine settings; None keeps the model section's value."""
+    """Per-pool engine settings; None keeps the model section's value.
 
+    `kind` picks the model runner: `native` (Tandem's engine) or `vllm` (vLLM's engine in the worker,
+    KV through Tandem's connector; needs model.path and a block size that is a multiple of 32).
+    `engine: vllm` is short for `engine: {kind: vllm}`."""
+
+    kind: EngineKind = EngineKind.NATIVE
     num_kv_blocks: int | None = Field(default=None, ge=1)
     block_size: int | None = Field(default=None, ge=1, le=4096)
     max_batch_size: int | None = Field(default=None, ge=1)
     kv_dtype: KVDtype | None = None
     linear_mode: LinearMode | None = None
     max_model_len: int | None = Field(default=None, ge=2)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_shorthand(cls, v: object) -> object:
+        return {"kind": v} if isinstance(v, str) else v
 
 
 class PoolConfig(_Frozen):

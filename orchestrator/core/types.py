@@ -63,6 +63,13 @@ class ComputeDtype(str, enum.Enum):
     BF16 = "bf16"
 
 
+class EngineKind(str, enum.Enum):
+    """Which model runner a pool's workers use (`workers/engine` or vLLM through `workers/vllm_engine`)."""
+
+    NATIVE = "native"
+    VLLM = "vllm"
+
+
 class FinishReason(str, enum.Enum):
     """Why a sequence stopped (the OpenAI API's `finish_reason` values plus ours)."""
 

@@ -91,7 +91,8 @@ def worker_specs(config: TandemConfig, auth_token: str) -> list[Any]:
             specs.append(WorkerSpec(
                 worker_id=f"{pool.name}-{i}", pool=pool.name, role=pool.role, hardware=pool.hardware,
                 accelerator=pool.placement.accelerator_type, model=config.model.path or config.model.name,
-                engine_kwargs=engine_kwargs(config, pool), kv_kind=kv.kind.value, auth_token=auth_token,
+                engine=pool.engine.kind.value, engine_kwargs=engine_kwargs(config, pool), kv_kind=kv.kind.value,
+                auth_token=auth_token,
                 tls=tls, lease_s=kv.lease_s, deadline_s=kv.deadline_s,
             ))
     return sorted(specs, key=lambda s: s.worker_id)

@@ -189,27 +189,11 @@ def config_from_hf(raw: dict[str, Any], path: Path, name: str) -> ModelConfig:
         raise CheckpointError(path, f"missing or malformed field ({exc!r})") from exc
 
 
-def _load_dir(path: Path, device: torch.device) -> LoadedModel:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def _dir_config(path: Path, weight_names: set[str]) -> tuple[ModelConfig, FileTokenizer]:
+    """The architecture and tokenizer of a checkpoint directory (weights not read)."""
     cfg = config_from_hf(_read_json(path / "config.json"), path / "config.json", path.name)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(path, "no *.safetensors weight files")
-    weights: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            weights.update(load_file(str(f), device=str(device)))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f, f"cannot read safetensors file ({exc})") from exc
-    weights = {k: v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}
-    _check_weights(cfg, weights, path)
-    if "lm_head.weight" not in weights and not cfg.tie_word_embeddings:
+    if "lm_head.weight" not in weight_names and not cfg.tie_word_embeddings:
         raise CheckpointError(path, "lm_head.weight is missing and tie_word_embeddings is false")
-    if cfg.tie_word_embeddings:
-        weights.pop("lm_head.weight", None)
-        cfg = replace(cfg, tie_word_embeddings=True)
     gen = path / "generation_config.json"
     if not cfg.eos_token_ids and gen.is_file():
         eos = _read_json(gen).get("eos_token_id")
@@ -219,13 +203,67 @@ def _load_dir(path: Path, device: torch.device) -> LoadedModel:
     if not tok_path.is_file():
         raise CheckpointError(tok_path, "file is missing (the engine reads tokenizers only from tokenizer.json)")
     eos_id = cfg.eos_token_ids[0] if cfg.eos_token_ids else None
-    tok = FileTokenizer(tok_path, cfg.bos_token_id, eos_id)
+    return cfg, FileTokenizer(tok_path, cfg.bos_token_id, eos_id)
+
+
+def _weight_files(path: Path) -> list[Path]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(path, "no *.safetensors weight files")
+    return files
+
+
+def _kept(name: str, cfg_tied: bool) -> bool:
+    return not name.endswith("rotary_emb.inv_freq") and not (cfg_tied and name == "lm_head.weight")
+
+
+def _identity_update(identity: Any, name: str, t: torch.Tensor) -> None:
+    identity.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+    identity.update(t.reshape(-1)[:64].float().cpu().numpy().tobytes())
+
+
+def _load_dir(path: Path, device: torch.device) -> LoadedModel:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights: dict[str, torch.Tensor] = {}
+    for f in _weight_files(path):
+        try:
+            weights.update(load_file(str(f), device=str(device)))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f, f"cannot read safetensors file ({exc})") from exc
+    cfg, tok = _dir_config(path, set(weights))
+    weights = {k: v for k, v in weights.items() if _kept(k, cfg.tie_word_embeddings)}
+    _check_weights(cfg, weights, path)
     identity = hashlib.sha256()
     for name in sorted(weights):
-        t = weights[name]
-        identity.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        identity.update(t.reshape(-1)[:64].float().cpu().numpy().tobytes())
+        _identity_update(identity, name, weights[name])
     return LoadedModel(cfg, weights, tok, _fingerprint(cfg, identity.hexdigest()))
+
+
+def describe_checkpoint(path: str | Path) -> LoadedModel:
+    """Architecture, tokenizer and KV fingerprint of a local checkpoint, reading one tensor at a time.
+
+    The fingerprint equals the one `load_model` gives the same directory, so another engine (vLLM)
+    serving it exchanges KV with the native engine. `weights` is empty."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_dir():
+        raise UnknownModel(f"{str(path)!r} is not a checkpoint directory")
+    handles: dict[str, Path] = {}
+    for f in _weight_files(path):
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                handles.update({k: f for k in h.keys()})  # noqa: SIM118 (safe_open is not iterable)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f, f"cannot read safetensors file ({exc})") from exc
+    cfg, tok = _dir_config(path, set(handles))
+    identity = hashlib.sha256()
+    for name in sorted(k for k in handles if _kept(k, cfg.tie_word_embeddings)):
+        with safe_open(str(handles[name]), framework="pt") as h:
+            _identity_update(identity, name, h.get_tensor(name))
+    return LoadedModel(cfg, {}, tok, _fingerprint(cfg, identity.hexdigest()))
 
 
 def _check_weights(cfg: ModelConfig, weights: dict[str, torch.Tensor], path: Path) -> None:

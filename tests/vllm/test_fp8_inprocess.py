@@ -1,0 +1,72 @@
+"""FP8 KV between vLLM and the native engine, in this process (one VLLMEngine, one native Engine).
+
+vLLM's FP8 cache has one scale per layer (1.0 here), the native cache one per token and head, so the
+two engines' own generations differ after a few tokens. What must hold: the decode side continues
+exactly the prefill side's KV — native prefill -> vLLM decode equals monolithic native, and vLLM
+prefill -> native decode equals monolithic vLLM — through the translation of scales both ways.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.vllm.conftest import needs_vllm
+
+pytestmark = [needs_vllm, pytest.mark.timeout(300)]
+
+
+def _run(engine, rid):
+    toks = []
+    while engine.has_unfinished():
+        toks += [o.token_id for o in engine.step() if o.request_id == rid]
+    return toks
+
+
+def test_fp8_kv_crosses_between_engines_with_scale_translation(tiny_llama):
+    from orchestrator.core.types import KVDtype, SamplingParams
+    from workers.engine import Engine, EngineConfig
+    from workers.vllm_engine import VLLMEngine, VLLMEngineConfig
+
+    v = VLLMEngine(VLLMEngineConfig(model=str(tiny_llama), num_blocks=64, kv_dtype=KVDtype.FP8_E4M3))
+    try:
+        n = Engine(EngineConfig(model=str(tiny_llama), kv_dtype=KVDtype.FP8_E4M3))
+        assert v.kv_layout == n.kv_layout and v.kv_dtype is KVDtype.FP8_E4M3
+        sp = SamplingParams(max_tokens=12, ignore_eos=True)
+        ids = n.tokenizer.encode("KV blocks travel as FP8 over gRPC between heterogeneous accelerators")
+        v.add_request("mono", ids, sp)
+        mono_v = _run(v, "mono")
+        mono_n = n.generate([ids], sp)[0]
+
+        def disagg(src, dst, rid):
+            dst.reserve_kv(rid, src.kv_layout, len(ids), sp.max_tokens)
+            seen = []
+
+            def on_layer(payload):
+                assert payload.k_scale is not None and payload.k.dtype.itemsize == 1
+                seen.append(payload.layer)
+                dst.write_kv_layer(rid, payload)
+
+            ex = src.prefill_export(rid, ids, sp, on_layer=on_layer)
+            assert sorted(set(seen)) == list(range(n.model_config.num_layers))
+            dst.add_request_from_kv(rid, ids, ex.first_token_id, sp)
+            return _run(dst, rid)
+
+        assert disagg(n, v, "n2v") == mono_n
+        assert disagg(v, n, "v2n") == mono_v
+        for e in (v, n):
+            e.assert_no_leaks()
+    finally:
+        v.shutdown()
+
+
+
+def test_a_second_vllm_engine_in_one_process_is_refused(tiny_llama):
+    from workers.vllm_engine.config import VLLMConfigError, VLLMEngineConfig
+    from workers.vllm_engine.engine import _LIVE_ENGINES, VLLMEngine
+
+    _LIVE_ENGINES.add(-1)  # stands for another live engine in this process
+    try:
+        with pytest.raises(VLLMConfigError, match="one KV connector per process"):
+            VLLMEngine(VLLMEngineConfig(model=str(tiny_llama), num_blocks=64))
+    finally:
+        _LIVE_ENGINES.discard(-1)
