@@ -107,3 +107,45 @@ def test_bad_input_is_a_4xx_on_the_vllm_pool(services):
         c.completions.create(model="tiny-llama", prompt="x " * 2000, max_tokens=4)
     with pytest.raises(openai.BadRequestError):
         c.completions.create(model="tiny-llama", prompt="hi", max_tokens=4, temperature=-1)
+
+
+def test_tandem_serve_cli_serves_a_vllm_pool(services, tiny_llama, tmp_path):
+    """The operator's command itself: `tandem serve --config` on a vLLM-pool YAML, in its own process
+    (its own private Ray on 127.0.0.1), answers like the in-process vLLM service and stops on SIGINT."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import threading
+    from pathlib import Path
+
+    serving_config(tiny_llama, [pool("prefill", "prefill", "vllm"), pool("decode", "decode", "vllm")],
+                   tmp_path / "serve.yaml")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tandem = Path(sys.executable).with_name("tandem")
+    env = {**os.environ, "VLLM_HOST_IP": "127.0.0.1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    proc = subprocess.Popen([str(tandem), "serve", "--config", str(tmp_path / "serve.yaml"), "--port", str(port),
+                             "--num-cpus", "4"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("Tandem serving"):
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert ready.wait(300), f"tandem serve did not come up: {lines[-5:]}"
+        cli = type("Svc", (), {"base_url": f"http://127.0.0.1:{port}"})()
+        assert _complete(cli, LONG, False) == _complete(services["vllm"], LONG, False)
+        assert _complete(cli, SHORT, True) == _complete(services["vllm"], SHORT, True)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(120)
+    assert code == 0 and any(ln.startswith("stopped") for ln in lines), lines[-5:]
