@@ -23,8 +23,9 @@ def _run(engine, rid):
 
 
 def test_fp8_kv_crosses_between_engines_with_scale_translation(tiny_llama):
-    from orchestrator.core.types import KVDtype, SamplingParams
+    from orchestrator.core.types import KVDtype, SamplingParams, TandemError
     from workers.engine import Engine, EngineConfig
+    from workers.kv_payload import KVImportError
     from workers.vllm_engine import VLLMEngine, VLLMEngineConfig
 
     v = VLLMEngine(VLLMEngineConfig(model=str(tiny_llama), num_blocks=64, kv_dtype=KVDtype.FP8_E4M3))
@@ -55,6 +56,25 @@ def test_fp8_kv_crosses_between_engines_with_scale_translation(tiny_llama):
         assert disagg(v, n, "v2n") == mono_v
         for e in (v, n):
             e.assert_no_leaks()
+
+        # a stream that fails mid-prefill (the dispatcher cancelled it, the peer died): the error
+        # surfaces typed from prefill_export, vLLM aborts the request and holds no block
+        class StreamGone(TandemError):
+            pass
+
+        def failing(payload):
+            if payload.layer == 1:
+                raise StreamGone("peer went away")
+
+        with pytest.raises(StreamGone):
+            v.prefill_export("broken", ids, sp, on_layer=failing)
+        v.assert_no_leaks()
+        # a reservation whose KV never completes is refused, then released without a trace
+        v.reserve_kv("partial", n.kv_layout, len(ids), 4)
+        with pytest.raises(KVImportError, match="incomplete"):
+            v.add_request_from_kv("partial", ids, 5, sp)
+        v.release_kv("partial")
+        v.assert_no_leaks()
     finally:
         v.shutdown()
 
