@@ -345,12 +345,19 @@ class VLLMEngine:
                               f"exports {sorted(self.hub.exports)[:5]}")
 
     def shutdown(self) -> None:
-        _LIVE_ENGINES.discard(id(self))
-        drop_hub(self.hub)
+        """Stop vLLM's engine core and drop this process's KV connector, so another engine may start."""
         try:
             self._llm.engine_core.shutdown()
         except Exception:  # best effort at teardown
             log.debug("vLLM engine core shutdown failed", exc_info=True)
+        try:
+            from vllm.distributed.kv_transfer.kv_transfer_state import ensure_kv_transfer_shutdown
+
+            ensure_kv_transfer_shutdown()
+        except Exception:
+            log.debug("vLLM KV connector shutdown failed", exc_info=True)
+        drop_hub(self.hub)
+        _LIVE_ENGINES.discard(id(self))
 
 
 def _cache_bytes(cfg: VLLMEngineConfig, num_layers: int, num_kv_heads: int, head_dim: int) -> int:
