@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from orchestrator.core.types import ComputeDtype, KVDtype, TandemError
@@ -61,4 +62,9 @@ class VLLMEngineConfig:
         (linear_mode, fp8_format, rounding: vLLM runs the checkpoint's own linear layers)."""
         keep = {k: v for k, v in kwargs.items()
                 if k in ("dtype", "kv_dtype", "block_size", "num_blocks", "max_batch_size", "max_model_len", "seed")}
+        mode = kwargs.get("linear_mode")
+        if mode is not None and str(getattr(mode, "value", mode)) != "bf16":
+            logging.getLogger(__name__).warning(
+                "linear_mode %s is ignored by a vllm pool: vLLM runs the checkpoint's own linear layers",
+                getattr(mode, "value", mode))
         return cls(model=model, **keep)  # type: ignore[arg-type]
