@@ -18,6 +18,7 @@ building and greedy sampling. tokens/s = B / median step time.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import statistics
 import time
@@ -133,6 +134,31 @@ def time_prefill(engine: Engine, prompt_len: int, reps: int, seed: int) -> dict[
     return dict(prompt=prompt_len, prefill_ms=ms, tokens_per_s=prompt_len / ms * 1e3, reps=reps)
 
 
+def profile_prefill(engine: Engine, prompt_len: int) -> dict[str, float]:
+    """One engine prefill step under torch.profiler: GPU kernel ms by part (workers.kernels.bench_stack.PARTS),
+    plus the step's wall time; wall − kernels = time the GPU waited for the host."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from workers.kernels.bench_stack import PARTS
+
+    prompt = torch.randint(0, engine.model_config.vocab_size, (prompt_len,)).tolist()
+    engine.add_request("profiled", prompt, SamplingParams(max_tokens=1, ignore_eos=True))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        wall = _sync_ms(lambda: engine.step())
+    engine.assert_no_leaks()
+    parts: dict[str, float] = {}
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
+        if not us:
+            continue
+        name = ev.key.lower()
+        part = next((p for p, keys in PARTS if any(k.lower() in name for k in keys)), "other")
+        parts[part] = parts.get(part, 0.0) + us / 1e3
+    parts["total kernels"] = sum(parts.values())
+    parts["step wall (profiled)"] = wall
+    return parts
+
+
 def build_engine(mode: str, num_layers: int | None, capacity_tokens: int, max_batch: int, max_len: int) -> Engine:
     cfg = EngineConfig(model="llama-3.1-8b-shape", num_layers=num_layers, dtype=ComputeDtype.BF16,
                        block_size=BLOCK_SIZE, num_blocks=blocks_for(capacity_tokens, BLOCK_SIZE),
@@ -143,7 +169,7 @@ def build_engine(mode: str, num_layers: int | None, capacity_tokens: int, max_ba
 
 def run_engine_bench(batches: list[int], contexts: list[int], prompts: list[int], num_layers: int | None,
                      capacity_tokens: int, warmup: int, reps: int, prefill_reps: int,
-                     eager_point: tuple[int, int] | None, log: Any = print) -> dict[str, Any]:
+                     eager_point: tuple[int, int] | None, log: Any = print, profile: bool = False) -> dict[str, Any]:
     extra = warmup + reps + 2
     max_len = max(max(contexts) + extra, max(prompts) + 1)
     res: dict[str, Any] = {"prefill": [], "decode": [], "skipped": [], "capacity_tokens": capacity_tokens,
@@ -162,6 +188,29 @@ def run_engine_bench(batches: list[int], contexts: list[int], prompts: list[int]
             r = time_prefill(eng, p, prefill_reps, seed=p)
             res["prefill"].append(dict(mode=mode, **r))
             log(f"[{mode}] prefill {p}: {r['prefill_ms']:.1f} ms")
+            if mode == "fp8" and eng.model.ops.prefill_attention_fp8 is not None:  # the same engine, bf16 SDPA
+                ops = eng.model.ops
+                eng.model.ops = dataclasses.replace(ops, prefill_attention_fp8=None)
+                try:
+                    r = time_prefill(eng, p, prefill_reps, seed=p)
+                finally:
+                    eng.model.ops = ops
+                res["prefill"].append(dict(mode=f"{mode}-sdpa-attn", **r))
+                log(f"[{mode}-sdpa-attn] prefill {p}: {r['prefill_ms']:.1f} ms")
+        if profile:
+            p = max(prompts)
+            variants = [(mode, eng.model.ops)]
+            if mode == "fp8" and eng.model.ops.prefill_attention_fp8 is not None:
+                variants.append((f"{mode}-sdpa-attn", dataclasses.replace(eng.model.ops, prefill_attention_fp8=None)))
+            ops = eng.model.ops
+            for name, v_ops in variants:
+                eng.model.ops = v_ops
+                try:
+                    parts = profile_prefill(eng, p)
+                finally:
+                    eng.model.ops = ops
+                res.setdefault("prefill_parts", []).append(dict(mode=name, prompt=p, **parts))
+                log(f"[{name}] prefill {p} parts (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
         fill_kv_random(eng)
         for b in batches:
             for c in contexts:

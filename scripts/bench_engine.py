@@ -21,7 +21,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from workers.kernels.bench_stack import Shape, Stack, time_decode_step_ms, time_prefill_ms  # noqa: E402
+from workers.kernels.bench_stack import (  # noqa: E402
+    Shape,
+    Stack,
+    profile_prefill_ms,
+    time_decode_step_ms,
+    time_prefill_ms,
+)
 from workers.kernels.benchmarking import env_info, table  # noqa: E402
 
 MODES = {"bf16": dict(fp8=False, kv_fp8=False), "fp8": dict(fp8=True, kv_fp8=True)}
@@ -38,6 +44,8 @@ def main() -> int:
     ap.add_argument("--contexts", default="1024,2048,8192")
     ap.add_argument("--prompts", default="1024,8192")
     ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--profile", action="store_true", help="kernel time per part of each (longest, --engine) prefill")
+    ap.add_argument("--prefill-reps", type=int, default=5, help="timed prefills per point (median)")
     ap.add_argument("--engine", action="store_true", help="measure workers.engine.Engine instead of the stack")
     ap.add_argument("--kv-tokens", type=int, default=200_000, help="--engine: KV cache capacity in tokens")
     ap.add_argument("--reps", type=int, default=10, help="--engine: timed decode steps per point")
@@ -66,10 +74,19 @@ def main() -> int:
         torch.cuda.empty_cache()
         stack = Stack(shape, kv_fp8=kw["kv_fp8"], fp8=kw["fp8"], max_tokens=max_tokens, distinct_kv_layers=distinct)
         print(f"[{mode}] {distinct} distinct KV layers of {per_layer / 2**30:.2f} GiB", flush=True)
+        variants = [(mode, True)] + ([("fp8-sdpa-attn", False)] if kw["fp8"] else [])
         for p in prompts:
-            ms = time_prefill_ms(stack, p)
-            res["prefill"].append(dict(mode=mode, prompt=p, prefill_ms=ms, tokens_per_s=p / ms * 1e3))
-            print(f"[{mode}] prefill {p}: {ms:.1f} ms", flush=True)
+            for name, fp8_attn in variants:  # fp8 mode also without FP8 attention (bf16 SDPA), same run
+                stack.fp8_attn = fp8_attn and kw["fp8"]
+                ms = time_prefill_ms(stack, p, reps=args.prefill_reps)
+                res["prefill"].append(dict(mode=name, prompt=p, prefill_ms=ms, tokens_per_s=p / ms * 1e3))
+                print(f"[{name}] prefill {p}: {ms:.1f} ms", flush=True)
+                if args.profile:
+                    parts = profile_prefill_ms(stack, p)
+                    res.setdefault("prefill_parts", []).append(dict(mode=name, prompt=p, **parts))
+                    print(f"[{name}] prefill {p} parts (ms): "
+                          + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()), flush=True)
+        stack.fp8_attn = kw["fp8"]
         for b in batches:
             for c in contexts:
                 ms = time_decode_step_ms(stack, b, c)
@@ -85,11 +102,18 @@ def main() -> int:
     for p in prompts:
         rows.append(dict(what=f"prefill {p} tokens, fp8/bf16 time", ratio=pre[("fp8", p)] / pre[("bf16", p)],
                          bf16=pre[("bf16", p)], fp8=pre[("fp8", p)]))
+        if ("fp8-sdpa-attn", p) in pre:
+            rows.append(dict(what=f"prefill {p} tokens, fp8 linears + bf16 SDPA / bf16 time",
+                             ratio=pre[("fp8-sdpa-attn", p)] / pre[("bf16", p)], bf16=pre[("bf16", p)],
+                             fp8=pre[("fp8-sdpa-attn", p)]))
     for b in batches:
         for c in contexts:
             rows.append(dict(what=f"decode B={b} ctx={c}, fp8/bf16 tok/s", ratio=dec[("fp8", b, c)] / dec[("bf16", b, c)],
                              bf16=dec[("bf16", b, c)], fp8=dec[("fp8", b, c)]))
     res["ratios"] = rows
+    if res.get("prefill_parts"):
+        cols = ["mode", "prompt"] + sorted({k for r in res["prefill_parts"] for k in r} - {"mode", "prompt"})
+        print(table("\n== prefill kernel time by part (ms, torch.profiler) ==", res["prefill_parts"], cols))
     return finish(res, rows, pre, dec, "engine stack (8B shape)", args.out, "engine-stack.json")
 
 
@@ -101,12 +125,15 @@ def engine_main(args: argparse.Namespace, batches: list[int], contexts: list[int
     print(res["env"], flush=True)
     eager = (64, 2048) if 64 in batches and 2048 in contexts else None
     res.update(run_engine_bench(batches, contexts, prompts, None if args.layers == 32 else args.layers,
-                                args.kv_tokens, warmup=3, reps=args.reps, prefill_reps=5, eager_point=eager,
-                                log=lambda m: print(m, flush=True)))
+                                args.kv_tokens, warmup=3, reps=args.reps, prefill_reps=args.prefill_reps,
+                                eager_point=eager, log=lambda m: print(m, flush=True), profile=args.profile))
     pre = {(r["mode"], r["prompt"]): r["prefill_ms"] for r in res["prefill"]}
     dec = {(r["mode"], r["batch"], r["ctx"]): r["tokens_per_s"] for r in res["decode"] if r["graphs"]}
     rows = [dict(what=f"prefill {p} tokens, fp8/bf16 time", ratio=pre[("fp8", p)] / pre[("bf16", p)],
                  bf16=pre[("bf16", p)], fp8=pre[("fp8", p)]) for p in prompts]
+    rows += [dict(what=f"prefill {p} tokens, fp8 linears + bf16 SDPA / bf16 time", bf16=pre[("bf16", p)],
+                  ratio=pre[("fp8-sdpa-attn", p)] / pre[("bf16", p)], fp8=pre[("fp8-sdpa-attn", p)])
+             for p in prompts if ("fp8-sdpa-attn", p) in pre]
     for b in batches:
         for c in contexts:
             if ("fp8", b, c) in dec and ("bf16", b, c) in dec:
@@ -117,6 +144,9 @@ def engine_main(args: argparse.Namespace, batches: list[int], contexts: list[int
         if mode == "fp8" and ms and rep.get(("bf16", b, c)):
             rows.append(dict(what=f"decode B={b} ctx={c}, graph replay alone, fp8/bf16 tok/s",
                              ratio=rep[("bf16", b, c)] / ms, bf16=b / rep[("bf16", b, c)] * 1e3, fp8=b / ms * 1e3))
+    if res.get("prefill_parts"):
+        cols = ["mode", "prompt"] + sorted({k for r in res["prefill_parts"] for k in r} - {"mode", "prompt"})
+        print(table("\n== engine prefill kernel time by part (ms, torch.profiler) ==", res["prefill_parts"], cols))
     eager_rows = [r for r in res["decode"] if not r["graphs"]]
     for r in eager_rows:
         g = next(x for x in res["decode"] if x["graphs"] and x["mode"] == r["mode"] and x["batch"] == r["batch"]

@@ -21,9 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from workers.kernels import bench_suite as S  # noqa: E402
+from workers.kernels.bench_prefill_attn import bench_prefill_attention, host_overhead  # noqa: E402
 from workers.kernels.benchmarking import bf16_peak_tflops, copy_tbps, env_info, table  # noqa: E402
 
-SECTIONS = ("quant", "kv_write", "prefill", "thin", "attention", "attn_variants")
+SECTIONS = ("quant", "kv_write", "prefill", "thin", "attention", "attn_variants", "prefill_attn", "attn_host")
 
 
 def summarize(res: dict) -> list[dict]:
@@ -45,6 +46,14 @@ def summarize(res: dict) -> list[dict]:
             if (r["M"], r["N"], r["K"]) == (64, 4096, 4096):
                 out.append(dict(target="thin (64,4096,4096) >= 250 TFLOPS", measured=round(r["thin_TFLOPS"], 1),
                                 ok=r["thin_TFLOPS"] >= 250))
+    for T in sorted({r["T"] for r in res.get("prefill_attn", [])}):
+        rs = [r for r in res["prefill_attn"] if r["T"] == T and r.get("ms")]
+        sdpa = [r for r in rs if r["what"].startswith("sdpa")]
+        total = [r for r in rs if r.get("best")]
+        if sdpa and total:
+            fastest = min(sdpa, key=lambda r: r["ms"])
+            out.append(dict(target=f"prefill attention T={T}: fp8 total / fastest bf16 SDPA ({fastest['what']})",
+                            measured=round(total[0]["ms"] / fastest["ms"], 3), ok=total[0]["ms"] < fastest["ms"]))
     for r in res.get("attention", []):
         if r["ctx"] == 8192:
             out.append(dict(target=f"attention fp8/bf16 per token at 8K, B={r['B']} <= 0.6",
@@ -55,9 +64,11 @@ def summarize(res: dict) -> list[dict]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", action="store_true", help="try every launch config and record the winners")
-    ap.add_argument("--only", default=",".join(SECTIONS[:-1]), help=f"comma-separated subset of {SECTIONS}")
+    ap.add_argument("--only", default=",".join(s for s in SECTIONS if s != "attn_variants"),
+                    help=f"comma-separated subset of {SECTIONS}")
     ap.add_argument("--out", default=None, help="JSON path (default: $OUT or benchmarks/)")
     ap.add_argument("--thin-ms", default="1,2,4,8,16,32,64,128,256", help="token counts of the thin section")
+    ap.add_argument("--attn-sweep", action="store_true", help="prefill_attn: try every launch config")
     ap.add_argument("--wide", action="store_true", help="with --sweep: also tile M in the thin sweep")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -73,7 +84,9 @@ def main() -> int:
     only = args.only.split(",")
     runs = {"quant": S.bench_quant, "kv_write": S.bench_kv_write, "prefill": lambda: S.bench_prefill(args.sweep),
             "thin": lambda: S.bench_thin(args.sweep, tuple(int(m) for m in args.thin_ms.split(",")), args.wide), "attention": S.bench_attention,
-            "attn_variants": S.bench_attention_variants}
+            "attn_variants": S.bench_attention_variants,
+            "prefill_attn": lambda: bench_prefill_attention(args.sweep or args.attn_sweep),
+            "attn_host": host_overhead}
     for name in SECTIONS:
         if name in only:
             t0 = time.time()
@@ -91,6 +104,8 @@ def main() -> int:
                  "bf16_weight_TBps", "ref_stock_fp8_TBps", "fp8_vs_bf16_speedup"],
         "attention": ["B", "ctx", "fp8_us", "bf16_us", "fp8_TBps", "bf16_TBps", "fp8_over_bf16"],
         "attn_variants": ["kv", "splits", "cfg", "us", "TBps"],
+        "prefill_attn": ["T", "what", "ms", "TFLOPS", "rel_err_vs_fp32"],
+        "attn_host": ["T", "what", "host_us_per_call", "syncs_or_copies"],
     }
     for name in SECTIONS:
         if name in res:

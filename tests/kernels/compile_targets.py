@@ -15,7 +15,7 @@ import sys
 
 
 def specs():
-    from workers.kernels import attention, gemm, kv_cache, quant
+    from workers.kernels import attention, gemm, kv_cache, prefill_attention, quant
 
     f8, bf, f32, i32 = "*fp8e4nv", "*bf16", "*fp32", "*i32"
     yield "rms_norm_quant", quant._rms_norm_kernel, {
@@ -59,6 +59,21 @@ def specs():
         "out_ptr": f32, "lse_ptr": f32, "final_ptr": bf, "num_splits": "i32",
         **{n: "i32" for n in ("stride_ob", "stride_oh", "stride_os", "stride_lb", "stride_lh", "stride_fb", "stride_fh")},
     }, {"D": 128, "BLOCK_D": 128, "BLOCK_S": 16}
+    yield "prefill_quant_kv", prefill_attention._quant_kv_kernel, {
+        "k_ptr": bf, "v_ptr": bf, "cu_ptr": i32, "pcu_ptr": i32, "k8_ptr": f8, "vt8_ptr": f8, "ks_ptr": f32,
+        "vs_ptr": f32,
+        **{n: "i32" for n in ("T", "HKV", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_k8t",
+                              "stride_k8h", "stride_vt8h", "stride_vt8d", "stride_ksh")},
+    }, {"D": 128, "SB": 64, "VARLEN": True, "FP8_MAX": 448.0, "AMAX_MIN": 1e-12}
+    for tma in (False, True):  # pointer loads and TMA descriptors (packed sequences, QKᵀ issued ahead)
+        kd, vd = ("tensordesc<fp8e4nv[64, 128]>", "tensordesc<fp8e4nv[128, 64]>") if tma else (f32, f32)
+        yield f"prefill_attn_fp8{'_tma' if tma else ''}", prefill_attention._attn_fwd_kernel, {
+            "q_ptr": bf, "k_ptr": f8, "vt_ptr": f8, "ks_ptr": f32, "vs_ptr": f32, "out_ptr": bf,
+            "cu_ptr": i32, "pcu_ptr": i32, "k_desc": kd, "vt_desc": vd, "T": "i32", "qk_scale": "fp32",
+            **{n: "i32" for n in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vh", "stride_vd",
+                                  "stride_ksh", "stride_ot", "stride_oh")},
+        }, {"GROUP": 4, "D": 128, "BLOCK_M": 64, "BLOCK_N": 64, "SB": 64, "VARLEN": tma, "SHIFT": 8.0,
+            "USE_TMA": tma, "PIPE": tma, "FP8_MAX": 448.0, "AMAX_MIN": 1e-12}
     yield "fp8_gemm", gemm._gemm_kernel, {
         "a_ptr": f8, "as_ptr": f32, "w_ptr": f8, "ws_ptr": f32, "c_ptr": bf,
         **{n: "i32" for n in ("M", "N", "K", "stride_am", "stride_wn", "stride_cm")},

@@ -152,3 +152,54 @@ def test_quantize_kv_adapter_matches_engine_reference(dev, gen):
     assert (q.float() != qr.float()).float().mean().item() < 0.01
     (b, none), (br, _) = eb.quantize_kv(x, KVDtype.BF16), R.quantize_kv(x, KVDtype.BF16)
     assert none is None and torch.equal(b, br)
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+@pytest.mark.parametrize("D", [16, 32])
+def test_prefill_attention_fp8_adapter(dev, D, gen, monkeypatch):
+    """FP8 prefill attention through the engine's signature vs the engine's torch op; head_dim 16 (the tiny
+    model) does not fit the kernel and falls back to the reference (bit-identical), as do prompts shorter than
+    MIN_TOKENS."""
+    from workers.kernels import prefill_attention as pa
+
+    R = ops.REFERENCE_OPS
+    monkeypatch.setattr(pa, "MIN_TOKENS", 100)
+    T, Hq, Hkv = 150, 4, 2
+    q = (1.5 * torch.randn(T, Hq, D, generator=gen)).to(torch.bfloat16).to(dev)
+    k = torch.randn(T, Hkv, D, generator=gen).to(torch.bfloat16).to(dev)
+    v = torch.randn(T, Hkv, D, generator=gen).to(torch.bfloat16).to(dev)
+    out, ref = eb.prefill_attention_fp8(q, k, v, D**-0.5), R.prefill_attention(q, k, v, D**-0.5)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    if D == 16:
+        assert torch.equal(out, ref)
+    else:
+        assert 1e-3 < rel_err(out, ref) < 0.08  # FP8 operands: ~5% on random data (NOTES.md), not exact
+        assert torch.equal(eb.prefill_attention_fp8(q[:99], k[:99], v[:99], D**-0.5),
+                           R.prefill_attention(q[:99], k[:99], v[:99], D**-0.5))  # short prompt: SDPA
+    assert ops.get_ops("cpu", backend=eb.BACKEND_NAME).prefill_attention_fp8 is eb.prefill_attention_fp8
+    assert ops.REFERENCE_OPS.prefill_attention_fp8 is None
+
+
+@pytest.mark.gpu
+def test_engine_fp8_prefill_attention_within_fp8_error_bounds(monkeypatch):
+    """A 2-layer 1B-shaped engine (head_dim 64, GQA 32/8) on CUDA: with FP8 linears + FP8 KV the kernels'
+    backend (FP8 prefill attention included) stays as close to a bf16 engine as the torch FP8 path does."""
+    from orchestrator.core.types import ComputeDtype, LinearMode
+    from workers.engine.config import EngineConfig
+    from workers.engine.engine import Engine
+    from workers.kernels import prefill_attention as pa
+
+    monkeypatch.setattr(pa, "MIN_TOKENS", 4096)  # the 4100-token prompt below takes the FP8 kernel
+    common = dict(model="llama-3.2-1b-shape", num_layers=2, device="cuda", dtype=ComputeDtype.BF16, seed=5,
+                  init_on_device=True, num_blocks=300)
+    fp8 = dict(linear_mode=LinearMode.FP8_DYNAMIC, kv_dtype=KVDtype.FP8_E4M3)
+    fast = Engine(EngineConfig(**common, **fp8))
+    assert fast.ops.prefill_attention_fp8 is eb.prefill_attention_fp8
+    ref = Engine(EngineConfig(**common, **fp8, ops_backend="reference"))
+    exact = Engine(EngineConfig(**common, ops_backend="reference"))
+    prompt = [(7 * i + 3) % 5000 + 10 for i in range(4100)]  # ≥ MIN_TOKENS, not a tile multiple
+    base = exact.prompt_logits(prompt)[-64:]  # the last 64 positions (the full [T, vocab] is 2 GB)
+    err_fast = rel_err(fast.prompt_logits(prompt)[-64:], base)
+    err_ref = rel_err(ref.prompt_logits(prompt)[-64:], base)
+    print(f"logits rel. error vs bf16 engine: kernels (FP8 attention) {err_fast:.4f}, torch FP8 path {err_ref:.4f}")
+    assert err_fast < 1.5 * err_ref + 5e-3, (err_fast, err_ref)

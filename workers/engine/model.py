@@ -276,7 +276,9 @@ class LlamaModel:
             q, k, v = self._split_rope(out, positions)
             if on_kv is not None:
                 on_kv(i, k, v)
-            attn = self.ops.prefill_attention(q, k, v, self.sm_scale)
+            # FP8 linear modes take the backend's FP8 prefill attention when it has one (workers/kernels)
+            fp8_attn = self.ops.prefill_attention_fp8 if layer.qkv.mode.is_fp8 else None
+            attn = (fp8_attn or self.ops.prefill_attention)(q, k, v, self.sm_scale)
             x, pending = self._mlp(layer, x, attn, positions)
         if all_logits:
             return self._logits(x, pending)

@@ -24,6 +24,9 @@ Signatures (shapes in comments; T tokens, H query heads, Hk KV heads, D head dim
     fp8_linear(q [T, K], x_scale [T, 1] | [1], w_q [N, K], w_scale [N] | [1], w_q_compute [N, K] | None,
                bias [N] | None, out_dtype) -> [T, N]
     prefill_attention(q [T, H, D], k [T, Hk, D], v [T, Hk, D], sm_scale) -> [T, H, D]    (causal)
+    prefill_attention_fp8(q, k, v, sm_scale) -> [T, H, D]    (optional; None in the reference table)
+        (the same causal attention, computed with FP8 operands: the model uses it instead of
+        prefill_attention when its linear layers are FP8, if the backend has one; error budget as FP8 linears)
     paged_attention_decode(q [B, H, D], k_cache [NB, bs, Hk, D], v_cache, k_scale [NB, bs, Hk] | None,
                            v_scale, block_tables [B, max_blocks] int64, context_lens [B] int64,
                            sm_scale) -> [B, H, D]
@@ -283,6 +286,7 @@ class Ops:
     add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     add_rms_norm_quant: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     rope_kv_write: Callable[..., torch.Tensor]
+    prefill_attention_fp8: Callable[..., torch.Tensor] | None = None  # see the module docstring
     graph_safe: bool = False  # decode may be captured in CUDA graphs (see the module docstring)
 
 

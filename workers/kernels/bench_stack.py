@@ -7,8 +7,10 @@ tokens/s can be measured at the 8B shape with CUDA graphs for decode steps. What
     rms_norm(+residual)[+quant] → QKV linear → rope_kv_write (RoPE on q, k + K/V quantize-and-write, one
     launch) → attention → [quant] → O linear
     → rms_norm(+residual)[+quant] → gate_up linear → silu_mul[+quant] → down linear
-then the final norm, the bf16 LM head on the last position and an argmax. Prefill attention is
-torch SDPA (flash, bf16) in both modes; decode attention is paged_decode_attention.
+then the final norm, the bf16 LM head on the last position and an argmax. Prefill attention is torch SDPA
+(bf16) in bf16 mode and `prefill_attention_fp8` (FP8 Q/K/V/P) in FP8 mode for prompts of at least
+`prefill_attention.MIN_TOKENS` tokens unless `fp8_attn` is False;
+decode attention is paged_decode_attention.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import torch.nn.functional as F
 from workers.kernels.attention import paged_decode_attention
 from workers.kernels.gemm import fp8_linear
 from workers.kernels.kv_cache import kv_write, rope_kv_write
+from workers.kernels.prefill_attention import MIN_TOKENS as PA_MIN_TOKENS
+from workers.kernels.prefill_attention import prefill_attention_fp8
 from workers.kernels.quant import quantize_per_token, rms_norm_quant, silu_mul_quant
 
 F8 = torch.float8_e4m3fn
@@ -64,6 +68,7 @@ class Stack:
                  dev: str = "cuda", block_size: int = 16, fused_rope: bool = True):
         s = self.s = shape
         self.fused_rope = fused_rope
+        self.fp8_attn = fp8  # FP8 prefill attention in FP8 mode (toggle to compare with bf16 SDPA)
         self.fp8, self.kv_fp8, self.dev, self.bs = fp8, kv_fp8, dev, block_size
         qkv_n = (s.heads + 2 * s.kv_heads) * s.head_dim
         self.layers = []
@@ -129,9 +134,12 @@ class Stack:
             if decode is None:
                 k, v = self._prefill_kv(qkv, pos, T) if not self.fused_rope else (
                     k_pre, qkv[:, (s.heads + s.kv_heads) * s.head_dim:].reshape(T, s.kv_heads, s.head_dim))
-                a = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
-                                                   v.transpose(0, 1)[None], is_causal=True, enable_gqa=True)
-                a = a[0].transpose(0, 1)
+                if self.fp8_attn and T >= PA_MIN_TOKENS:
+                    a = prefill_attention_fp8(q, k, v, s.head_dim**-0.5)
+                else:
+                    a = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                                       v.transpose(0, 1)[None], is_causal=True, enable_gqa=True)
+                    a = a[0].transpose(0, 1)
             else:
                 a = paged_decode_attention(q, kc, vc, decode["block_table"], decode["seq_lens"], s.head_dim**-0.5,
                                            ks, vs, max_seq_len=decode["max_seq_len"])
@@ -201,3 +209,35 @@ def time_decode_step_ms(stack: Stack, batch: int, ctx: int, reps: int = 20) -> f
         times.append(a.elapsed_time(b))
     del graph
     return sorted(times)[len(times) // 2]
+
+
+# Kernel-name fragments → the part of a prefill they belong to (for profile_prefill_ms).
+PARTS = (("attention", ("_attn_fwd_kernel", "flash", "fmha", "cudnn", "attention", "sdpa")),
+         ("attention fp8 quantize", ("_quant_kv_kernel",)),
+         ("linear GEMMs", ("gemm", "_scaled_mm", "xmma", "cutlass", "nvjet", "sm90", "cublas", "matmul")),
+         ("norm/quant/silu", ("_rms_norm", "_silu_mul", "_quant_kernel")),
+         ("rope + KV write", ("_rope_kv_write", "_kv_write")))
+
+
+def profile_prefill_ms(stack: Stack, prompt_len: int) -> dict[str, float]:
+    """GPU kernel time of one prefill, summed by part (torch.profiler; kernels only, no launch gaps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = stack.dev
+    tokens = torch.randint(0, stack.s.vocab, (prompt_len,), device=dev)
+    pos = torch.arange(prompt_len, device=dev)
+    stack.forward(tokens, pos, pos, None)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        stack.forward(tokens, pos, pos, None)
+        torch.cuda.synchronize()
+    parts: dict[str, float] = {}
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
+        if not us or ev.key.startswith("ProfilerStep"):
+            continue
+        name = ev.key.lower()
+        part = next((p for p, keys in PARTS if any(k.lower() in name for k in keys)), "other")
+        parts[part] = parts.get(part, 0.0) + us / 1e3
+    parts["total kernels"] = sum(parts.values())
+    return parts

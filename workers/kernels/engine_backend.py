@@ -2,7 +2,10 @@
 
 `workers.engine.ops.get_ops("cuda")` imports this module, which registers adapters from the engine's op
 signatures (workers/engine/ops.py docstring) to the kernels. Ops the engine seam has but we leave to the
-reference: `prefill_attention` (torch SDPA is already a flash kernel on CUDA). `rope_kv_write` (RoPE + K/V
+reference: `prefill_attention` (torch SDPA is already a flash kernel on CUDA; bf16 engines keep it).
+`prefill_attention_fp8` (used by the model when its linears are FP8) is `prefill_attention.prefill_attention_fp8`
+(FP8 Q/K/V/P, fp32 softmax) where the shape fits it (bf16/fp16, head_dim 32..256) and the prompt has at least
+`prefill_attention.MIN_TOKENS` tokens (shorter ones run faster in SDPA), else the reference. `rope_kv_write` (RoPE + K/V
 quantize-and-write in one launch) and the residual-fused norms (`add_rms_norm`, `add_rms_norm_quant`) fill
 the seam's decode slots. Registered `graph_safe`: none of these adapters synchronises with the host (the
 attention bounds lengths by the block table's width) and the KV writes skip slot -1, so the engine captures
@@ -20,10 +23,12 @@ from orchestrator.core.types import KVDtype
 try:
     from workers.engine import ops as _ops
     from workers.engine.fp8 import kv_storage_dtype
+    from workers.kernels import prefill_attention as _pa
     from workers.kernels.attention import paged_decode_attention as _attn
     from workers.kernels.gemm import fp8_linear as _fp8_linear
     from workers.kernels.kv_cache import kv_write as _kv_write
     from workers.kernels.kv_cache import rope_kv_write as _rope_kv_write
+    from workers.kernels.prefill_attention import prefill_attention_fp8 as _prefill_fp8
     from workers.kernels.quant import quantize_per_token, rms_norm_quant, silu_mul_quant
 except ImportError:  # no triton (or no engine): leave the reference ops in place
     _ops = None
@@ -101,6 +106,16 @@ def paged_attention_decode(q, k_cache, v_cache, k_scale, v_scale, block_tables, 
                  max_seq_len=max_len)
 
 
+def prefill_attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> torch.Tensor:
+    """Engine signature (one sequence, causal) → the FP8 flash kernel; torch SDPA where the kernel does not fit."""
+    fits = (q.shape[-1] in (32, 64, 128, 256) and q.dtype in (torch.bfloat16, torch.float16)
+            and k.dtype == q.dtype == v.dtype and q.shape[1] % k.shape[1] == 0 and q.shape[0] >= _pa.MIN_TOKENS)
+    if not fits:
+        return _ops.prefill_attention(q, k, v, sm_scale)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return _prefill_fp8(q, k, v, sm_scale)
+
+
 def kv_write(k_cache, v_cache, k_scale, v_scale, slots, k, v, kv_dtype: KVDtype) -> None:  # type: ignore[no-untyped-def]
     _kv_write(k, v, slots, k_cache, v_cache, k_scale, v_scale)
 
@@ -118,6 +133,7 @@ IMPLS = {
     "add_rms_norm_quant": add_rms_norm_quant,
     "rope_kv_write": rope_kv_write,
     "quantize_kv": quantize_kv,
+    "prefill_attention_fp8": prefill_attention_fp8,
 }
 
 

@@ -176,3 +176,52 @@ def rope_kv_write_ref(
     k = rope_ref(k.reshape(T, Hkv, D), positions, inv_freq)
     kv_write_ref(k, v.reshape(T, Hkv, D), slot_mapping, k_cache, v_cache, k_scale, v_scale)
     return q.to(qkv.dtype)
+
+
+def causal_attention_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float, cu_seqlens: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Causal GQA attention in float32 of q [T, Hq, D], k, v [T, Hkv, D] (packed sequences) → float32 [T, Hq, D]."""
+    T, Hq, _ = q.shape
+    group = Hq // k.shape[1]
+    bounds = [0, T] if cu_seqlens is None else [int(x) for x in cu_seqlens]
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        if b == a:
+            continue
+        qh = q[a:b].float().transpose(0, 1)  # [Hq, n, D]
+        kh = k[a:b].float().repeat_interleave(group, dim=1).transpose(0, 1)
+        vh = v[a:b].float().repeat_interleave(group, dim=1).transpose(0, 1)
+        out[a:b] = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=sm_scale).transpose(0, 1)
+    return out
+
+
+def quantize_blocks_ref(
+    x: torch.Tensor, block: int, fp8_dtype: torch.dtype, cu_seqlens: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [T, H, D] → its dequantized value (float32) after FP8 quantization with one scale per (block of
+    `block` tokens counted from each sequence's start, head); block=1 gives per-token-per-head scales."""
+    T = x.shape[0]
+    bounds = [0, T] if cu_seqlens is None else [int(c) for c in cu_seqlens]
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    fmax = fp8_max(fp8_dtype)
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        for s in range(a, b, block):
+            e = min(s + block, b)
+            xf = x[s:e].float()  # [n, H, D]
+            scale = xf.abs().amax(dim=(0, 2)).clamp_min(AMAX_FLOOR) / fmax  # [H]
+            qv = (xf / scale[None, :, None]).clamp(-fmax, fmax).to(fp8_dtype)
+            out[s:e] = qv.float() * scale[None, :, None]
+    return out
+
+
+def prefill_attention_fp8_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float, cu_seqlens: torch.Tensor | None = None,
+    scale_block: int = 128, fp8_dtype: torch.dtype = torch.float8_e4m3fn,
+) -> torch.Tensor:
+    """What prefill_attention.prefill_attention_fp8 computes, but for P's FP8 rounding: q quantized per token
+    per head, k and v per (scale_block tokens, head), then exact float32 causal attention → float32."""
+    qd = quantize_blocks_ref(q, 1, fp8_dtype, cu_seqlens)
+    kd = quantize_blocks_ref(k, scale_block, fp8_dtype, cu_seqlens)
+    vd = quantize_blocks_ref(v, scale_block, fp8_dtype, cu_seqlens)
+    return causal_attention_ref(qd, kd, vd, sm_scale, cu_seqlens)
