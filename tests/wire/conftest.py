@@ -50,9 +50,17 @@ def server(sink, rec):
     srv.stop(0)
 
 
+@pytest.fixture(params=["data", "grpc"])
+def client(server, request):
+    """A client on each transport: the raw-TCP data plane (the default) and a gRPC PushKV stream."""
+    c = KVTransferClient(server.address, auth_token=TOKEN, data_plane=request.param == "data")
+    yield c
+    c.close()
+
+
 @pytest.fixture
-def client(server):
-    c = KVTransferClient(server.address, auth_token=TOKEN)
+def grpc_client(server):
+    c = KVTransferClient(server.address, auth_token=TOKEN, data_plane=False)
     yield c
     c.close()
 

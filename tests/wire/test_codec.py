@@ -26,22 +26,22 @@ from workers.kv_transfer.wire import (
     encode_open,
 )
 
-# Golden frames of protocol 2. If one of these changes, the wire changed: bump PROTOCOL_VERSION,
-# add a line to its history, update docs/wire-format.md, then these literals.
+# Golden frames of protocol 3 (protocol 2's differ only in the version bytes 4-5: 0002). If one of
+# these changes, the wire changed: bump PROTOCOL_VERSION, add a line to its history, update docs/wire-format.md, then these literals.
 GOLDEN_FINISH = (
-    "544b5646000203000000002885a3726964a57265712d31a373657103a566697273742aa76e6368756e6b7303a66e627974657364"
+    "544b5646000303000000002885a3726964a57265712d31a373657103a566697273742aa76e6368756e6b7303a66e627974657364"
 )
 GOLDEN_CHUNK = (
-    "544b564600020200000000548aa3726964a57265712d31a373657100a36c6179920102a3746f6b920002a26474a665346d33666e"
+    "544b564600030200000000548aa3726964a57265712d31a373657100a36c6179920102a3746f6b920002a26474a665346d33666e"
     "a57363616c65aa746f6b656e5f68656164a2627310a36c656e9408080808a3637263cea3a2b9cfa3656f70c3"
     "000102030405060708090a0b0c0d0e0f00000000000000000000000000000000"
 )
 GOLDEN_OPEN = (
-    "544b564600020100000000718ba3726964a57265712d31a468617368d9206162616261626162616261626162616261626162"
+    "544b564600030100000000718ba3726964a57265712d31a468617368d9206162616261626162616261626162616261626162"
     "616261626162616261626162a26474a462663136a57363616c65a46e6f6e65a46e746f6b02a46e6c617903a5686561647302"
     "a46864696d10a2627310a4706c656e08a3637263ce1b0b9920050000002c010000"
 )
-GOLDEN_HASH = "081ebcabd6a17c6874fc519e7d964f0a"  # protocol 2 (protocol 1: 19326c3295975a31b28e90cdf48601ef)
+GOLDEN_HASH = "fbf2a77c6d54118555535af7915f903b"  # protocol 3 (2: 081ebcabd6a17c6874fc519e7d964f0a, 1: 19326c32…)
 
 
 def _chunk() -> bytes:
@@ -49,8 +49,8 @@ def _chunk() -> bytes:
     return encode_chunk("req-1", 0, 1, 0, 2, WireDtype.E4M3FN, sections, True, 16)
 
 
-def test_protocol_version_is_2_with_crc32c():
-    assert PROTOCOL_VERSION == 2
+def test_protocol_version_is_3_with_crc32c():
+    assert PROTOCOL_VERSION == 3
     assert CHECKSUM_ALGORITHM == "crc32c"
 
 
@@ -70,10 +70,11 @@ def test_chunk_crc_field_is_crc32c_of_the_payload():
     assert c.checksum == crc32c_pure(payload) != zlib.crc32(payload)
 
 
-def test_protocol_1_frames_are_rejected():
+@pytest.mark.parametrize("old", [1, 2])
+def test_older_protocol_frames_are_rejected(old):
     raw = bytearray(_chunk())
-    raw[4:6] = b"\x00\x01"
-    with pytest.raises(FrameError, match="protocol version 1 not supported"):
+    raw[4:6] = old.to_bytes(2, "big")
+    with pytest.raises(FrameError, match=f"protocol version {old} not supported"):
         decode_frame(bytes(raw))
 
 
@@ -122,7 +123,7 @@ def test_mismatch_message_names_each_factor():
     [
         (lambda b: b[:5], "truncated frame"),
         (lambda b: b"XXXX" + b[4:], "bad magic"),
-        (lambda b: b[:4] + b"\x00\x03" + b[6:], "protocol version 3"),
+        (lambda b: b[:4] + b"\x00\x04" + b[6:], "protocol version 4"),
         (lambda b: b[:6] + b"\x09" + b[7:], "unknown frame kind"),
         (lambda b: b[:7] + b"\x01" + b[8:], "unknown flags"),
         (lambda b: b[:8] + b"\xff\xff\xff\xff" + b[12:], "header length"),

@@ -194,7 +194,8 @@ def test_deadline(server, client, sink, rec, layout):
     _assert_failed_and_free(rec, sink, "r", (TransferDeadlineExceeded, TransferCancelled))
 
 
-def test_sender_killed_mid_stream(server, sink, rec, layout):
+@pytest.mark.parametrize("data_plane", [True, False], ids=["data", "grpc"])
+def test_sender_killed_mid_stream(server, sink, rec, layout, data_plane):
     server.reserve("r", layout, N)
     script = textwrap.dedent(f"""
         import os, signal, sys
@@ -202,7 +203,7 @@ def test_sender_killed_mid_stream(server, sink, rec, layout):
         from tests.wire.fakes import make_layout, make_payloads
         from workers.kv_transfer.client import KVTransferClient
         lay = make_layout()
-        cl = KVTransferClient({server.address!r}, auth_token={TOKEN!r})
+        cl = KVTransferClient({server.address!r}, auth_token={TOKEN!r}, data_plane={data_plane!r})
         st = cl.open_stream("r", lay, KVDtype.FP8_E4M3, list(range({N})))
         st.send_layer(make_payloads(lay, KVDtype.FP8_E4M3, {N})[0])
         print("sent", flush=True)
@@ -226,7 +227,8 @@ def test_sender_killed_mid_stream(server, sink, rec, layout):
     assert len(sink.released) == 1
 
 
-def test_flow_control_bounds_the_sender_queue():
+@pytest.mark.parametrize("data_plane", [True, False], ids=["data", "grpc"])
+def test_flow_control_bounds_the_sender_queue(data_plane):
     n = 1024  # 2 MiB of fp8 K+V per layer, 16 MiB in all: more than gRPC buffers in flight
 
     class SlowSink(FakeSink):
@@ -240,7 +242,7 @@ def test_flow_control_bounds_the_sender_queue():
     srv = KVTransferServer(sink, rec.on_complete, auth_token=TOKEN)
     srv.start()
     try:
-        with KVTransferClient(srv.address, auth_token=TOKEN) as cl:
+        with KVTransferClient(srv.address, auth_token=TOKEN, data_plane=data_plane) as cl:
             srv.reserve("r", lay, n)
             bound = 256 * 1024
             st = cl.open_stream("r", lay, KVDtype.FP8_E4M3, list(range(n)), chunk_bytes=64 * 1024,
@@ -276,12 +278,13 @@ def test_receiver_memory_budget(layout):
     sink.assert_no_leaks()  # stop() released it
 
 
-def test_stop_releases_live_transfers(layout):
+@pytest.mark.parametrize("data_plane", [True, False], ids=["data", "grpc"])
+def test_stop_releases_live_transfers(layout, data_plane):
     sink = FakeSink(layout)
     rec = Recorder()
     srv = KVTransferServer(sink, rec.on_complete, on_failure=rec.on_failure, auth_token=TOKEN)
     srv.start()
-    cl = KVTransferClient(srv.address, auth_token=TOKEN)
+    cl = KVTransferClient(srv.address, auth_token=TOKEN, data_plane=data_plane)
     srv.reserve("r", layout, N)
     st = cl.open_stream("r", layout, KVDtype.FP8_E4M3, PROMPT)
     st.send_layer(make_payloads(layout, KVDtype.FP8_E4M3, N)[0])

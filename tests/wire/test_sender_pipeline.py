@@ -31,11 +31,11 @@ def _wait_no_framers(before: set[threading.Thread], timeout_s: float = 3.0) -> l
     return left
 
 
-def test_framer_threads_end_after_finish_and_after_abort(server, client, sink, rec, layout):
+def test_framer_threads_end_after_finish_and_after_abort(server, grpc_client, sink, rec, layout):
     before = set(_framers())
     payloads = make_payloads(layout, KVDtype.FP8_E4M3, NUM_TOKENS)
     server.reserve("done", layout, NUM_TOKENS)
-    st = client.open_stream("done", layout, KVDtype.FP8_E4M3, PROMPT, chunk_bytes=1024)
+    st = grpc_client.open_stream("done", layout, KVDtype.FP8_E4M3, PROMPT, chunk_bytes=1024)
     assert len([t for t in _framers() if t not in before]) == 1  # this stream's framer
     for p in payloads:
         st.send_layer(p)
@@ -43,7 +43,7 @@ def test_framer_threads_end_after_finish_and_after_abort(server, client, sink, r
     assert sink.complete("done")
 
     server.reserve("gone", layout, NUM_TOKENS)
-    st2 = client.open_stream("gone", layout, KVDtype.FP8_E4M3, PROMPT, chunk_bytes=1024)
+    st2 = grpc_client.open_stream("gone", layout, KVDtype.FP8_E4M3, PROMPT, chunk_bytes=1024)
     st2.send_layer(payloads[0])
     st2.abort()
     assert _wait_no_framers(before) == []
@@ -55,7 +55,7 @@ def test_framer_threads_end_after_finish_and_after_abort(server, client, sink, r
     sink.assert_no_leaks()
 
 
-def test_an_error_while_framing_fails_the_transfer_and_frees_the_blocks(server, client, sink, rec, layout,
+def test_an_error_while_framing_fails_the_transfer_and_frees_the_blocks(server, grpc_client, sink, rec, layout,
                                                                        monkeypatch):
     real = GrpcKVStream.frames_of
 
@@ -68,7 +68,7 @@ def test_an_error_while_framing_fails_the_transfer_and_frees_the_blocks(server, 
     before = set(_framers())
     payloads = make_payloads(layout, KVDtype.BF16, NUM_TOKENS)
     server.reserve("bad", layout, NUM_TOKENS)
-    st = client.open_stream("bad", layout, KVDtype.BF16, PROMPT, chunk_bytes=1024)
+    st = grpc_client.open_stream("bad", layout, KVDtype.BF16, PROMPT, chunk_bytes=1024)
     t0 = time.monotonic()
     with pytest.raises(KVTransferError):
         for p in payloads:

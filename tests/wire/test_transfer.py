@@ -177,6 +177,7 @@ def test_tls_round_trip_and_plaintext_refused(tmp_path, layout):
     try:
         tls_client = KVTransferClient(srv.address, auth_token=TOKEN, tls=TLSConfig(root_ca_path=cert))
         assert tls_client.health().ok
+        assert srv.data_port == 0 and tls_client.health().data_port == 0  # the plaintext data plane is off
         srv.reserve("t", layout, NUM_TOKENS)
         st = tls_client.open_stream("t", layout, KVDtype.FP8_E4M3, PROMPT)
         for p in make_payloads(layout, KVDtype.FP8_E4M3, NUM_TOKENS):

@@ -2,15 +2,18 @@
 
 For each (prompt length, KV dtype) it moves one prompt's KV of a model shape (synthetic tensors,
 `orchestrator/core/model_shape.py`) through a real KVTransferServer on 127.0.0.1 (frames, CRC32C,
-validation, assembly; the sink discards) and, in the same run, the same payload bytes through a
-plain TCP socket (sendall / recv_into, nothing else): the ceiling. It prints GB/s of both, their
+validation, assembly; the sink discards) over each requested transport (`--transport`: `data` = the
+raw-TCP data plane striped over each of `--stripes` connection counts, `grpc` = a gRPC PushKV stream)
+and, interleaved in the same run, the same payload bytes through a plain TCP socket (sendall /
+recv_into, nothing else): the ceiling. `kv_over_raw` is the ratio of medians; `kv_over_raw_paired` the
+median of each repeat's own ratio (raw and KV run back to back, so a load swing hits both). It prints GB/s of both, their
 ratio, bytes of bf16 vs fp8, and how much of the transfer layer-wise streaming hides behind a
 simulated per-layer prefill compute delay (stream while "computing" vs send after prefill). Where
 the time goes (`bench_stages.py`): the same frames through a bare raw-bytes gRPC stream, the framing
 and verification rates alone, and CPU seconds per GB on each end of each transport.
 
     tandem bench kv-transfer --model-shape llama-3.1-8b-shape --tokens 1024,8192 --kv-dtype bf16,fp8_e4m3 \
-        --streams 1 --out benchmarks/kv_transfer.json
+        --transport data,grpc --stripes 1,2 --streams 1 --out benchmarks/kv_transfer.json
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any
 from orchestrator.core.model_shape import ModelShape, get_shape
 from orchestrator.core.types import KVDtype
 from workers.kv_payload import KVLayerPayload, KVLayout
+from workers.kv_transfer.bench_report import format_table
 from workers.kv_transfer.bench_stages import bare_grpc_once, bare_server, cpu_s, self_cpu_s, stage_rates
 
 # torch and grpc are imported inside functions: the raw-socket receiver process needs neither.
@@ -46,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", default="1024,8192", help="comma-separated prompt lengths")
     parser.add_argument("--kv-dtype", default="bf16,fp8_e4m3", help="comma-separated: bf16, fp8_e4m3, fp8_e5m2")
     parser.add_argument("--streams", type=int, default=1, help="concurrent transfers (each a whole prompt)")
+    parser.add_argument("--transport", default="data",
+                        help="comma-separated: data (raw-TCP data plane), grpc (gRPC PushKV stream)")
+    parser.add_argument("--stripes", default=None,
+                        help="comma-separated connection counts of the data plane (default: the client's default)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per point; the median is reported")
     parser.add_argument("--chunk-mib", type=float, default=2.0, help="gRPC chunk size")
     parser.add_argument("--layer-compute-ms", type=float, default=None,
@@ -292,15 +300,26 @@ def _versions() -> dict[str, str]:
     }
 
 
+def transport_label(data_stripes: int) -> str:
+    """"grpc" for a gRPC PushKV stream (data_stripes 0), "data/N" for the data plane over N connections."""
+    return "grpc" if data_stripes == 0 else f"data/{data_stripes}"
+
+
 def run_bench(shape_name: str, tokens: list[int], dtypes: list[KVDtype], streams: int = 1, repeat: int = 3,
-              chunk_bytes: int = 2 << 20, layer_compute_ms: float | None = None, overlap: bool = True) -> dict[str, Any]:
-    """Run every point; returns the JSON-able result (rows plus environment)."""
+              chunk_bytes: int = 2 << 20, layer_compute_ms: float | None = None, overlap: bool = True,
+              transports: list[int] | None = None) -> dict[str, Any]:
+    """Run every point; returns the JSON-able result (rows plus environment).
+
+    transports: data-plane connection counts to measure, 0 meaning a gRPC PushKV stream; default
+    [the client's default stripes]. One row per (tokens, dtype, transport), all interleaved with the
+    same raw-TCP and bare-gRPC runs."""
     import grpc
 
-    from workers.kv_transfer.client import KVTransferClient
+    from workers.kv_transfer.client import DEFAULT_DATA_STRIPES, KVTransferClient
     from workers.kv_transfer.server import channel_options
     from workers.kv_transfer.wire import DEFAULT_MAX_FRAME_BYTES, MAX_HEADER_BYTES
 
+    transports = transports or [DEFAULT_DATA_STRIPES]
     shape = get_shape(shape_name)
     layout = layout_of(shape)
     rows = []
@@ -310,15 +329,21 @@ def run_bench(shape_name: str, tokens: list[int], dtypes: list[KVDtype], streams
         for kv_dtype in dtypes:
             server = children[0].reserver(kv_dtype)
             raw_port = children[1].ports[kv_dtype]
-            client = KVTransferClient(f"127.0.0.1:{children[0].ports[kv_dtype]}", auth_token=BENCH_TOKEN, timeout_s=60)
+            target = f"127.0.0.1:{children[0].ports[kv_dtype]}"
+            clients = {t: KVTransferClient(target, auth_token=BENCH_TOKEN, timeout_s=60, data_plane=t > 0,
+                                           data_stripes=max(t, 1)) for t in transports}
+            for t, c in clients.items():
+                if t > 0 and c.data_address() is None:
+                    raise RuntimeError("the bench receiver offers no data plane")
             bare = grpc.insecure_channel(f"127.0.0.1:{children[0].bare_port}",
                                          options=channel_options(DEFAULT_MAX_FRAME_BYTES + MAX_HEADER_BYTES))
             try:
                 for n in tokens:
-                    rows.append(_point(server, client, raw_port, bare, pids, shape, layout, kv_dtype, n, streams, repeat,
-                                       chunk_bytes, layer_compute_ms, overlap))
+                    rows.extend(_point(server, clients, raw_port, bare, pids, shape, layout, kv_dtype, n, streams,
+                                       repeat, chunk_bytes, layer_compute_ms, overlap))
             finally:
-                client.close()
+                for c in clients.values():
+                    c.close()
                 bare.close()
     finally:
         for c in children:
@@ -328,13 +353,14 @@ def run_bench(shape_name: str, tokens: list[int], dtypes: list[KVDtype], streams
         "device": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.machine()}), loopback 127.0.0.1, "
                   "receiver in a child process",
         "versions": _versions(), "chunk_bytes": chunk_bytes, "repeat": repeat, "rows": rows,
-        "malloc_tuned": _malloc_tuned(),
+        "malloc_tuned": _malloc_tuned(), "load_average": list(os.getloadavg()),
     }
 
 
-def _point(server, client, raw_port, bare_channel, pids, shape, layout, kv_dtype, n, streams, repeat, chunk_bytes,
-           layer_compute_ms, overlap) -> dict[str, Any]:
-    """One (tokens, dtype) point; pids = (gRPC receiver process, raw receiver process) for CPU accounting."""
+def _point(server, clients, raw_port, bare_channel, pids, shape, layout, kv_dtype, n, streams, repeat, chunk_bytes,
+           layer_compute_ms, overlap) -> list[dict[str, Any]]:
+    """One (tokens, dtype) point, a row per transport; pids = (gRPC receiver process, raw receiver
+    process) for CPU accounting."""
     from workers.kv_transfer.fp8 import wire_dtype_of
     from workers.kv_transfer.sender import encode_payload
 
@@ -342,9 +368,12 @@ def _point(server, client, raw_port, bare_channel, pids, shape, layout, kv_dtype
     sections = _sections(payload)
     bare_frames = encode_payload("bare", payload, wire_dtype_of(kv_dtype), 0, chunk_bytes)
     nbytes = shape.num_layers * sum(len(s) for s in sections) * streams
-    _grpc_once(server, client, layout, payload, kv_dtype, n, 1, chunk_bytes, f"warm-{n}")
-    g_times, r_times, b_times = [], [], []
-    cpu = {k: [0.0, 0.0] for k in ("grpc", "raw_tcp", "bare_grpc")}  # [sender s, receiver s] summed over runs
+    for t, client in clients.items():
+        _grpc_once(server, client, layout, payload, kv_dtype, n, 1, chunk_bytes, f"warm-{n}-{t}")
+    kv_times: dict[int, list[float]] = {t: [] for t in clients}
+    r_times, b_times = [], []
+    kinds = [*(transport_label(t) for t in clients), "raw_tcp", "bare_grpc"]
+    cpu = {k: [0.0, 0.0] for k in kinds}  # [sender s, receiver s] summed over runs
 
     def timed(kind: str, rx_pid: int, fn, *a):
         tx0, rx0 = self_cpu_s(), cpu_s(rx_pid)
@@ -354,33 +383,42 @@ def _point(server, client, raw_port, bare_channel, pids, shape, layout, kv_dtype
         return out
 
     for r in range(repeat):  # interleaved, so all see the same background load
-        dt, moved = timed("grpc", pids[0], _grpc_once, server, client, layout, payload, kv_dtype, n, streams,
-                          chunk_bytes, f"g-{n}-{r}")
-        if moved != nbytes:
-            raise RuntimeError(f"gRPC moved {moved} bytes, expected {nbytes}")
-        g_times.append(dt)
+        for t, client in clients.items():
+            dt, moved = timed(transport_label(t), pids[0], _grpc_once, server, client, layout, payload, kv_dtype, n,
+                              streams, chunk_bytes, f"g-{n}-{r}-{t}")
+            if moved != nbytes:
+                raise RuntimeError(f"{transport_label(t)} moved {moved} bytes, expected {nbytes}")
+            kv_times[t].append(dt)
         r_times.append(timed("raw_tcp", pids[1], _raw_tcp_once, raw_port, sections, shape.num_layers, streams))
         if streams == 1:
             b_times.append(timed("bare_grpc", pids[0], bare_grpc_once, bare_channel, bare_frames, shape.num_layers))
-    g_s, r_s = statistics.median(g_times), statistics.median(r_times)
-    row = {
+    r_s = statistics.median(r_times)
+    gb = nbytes * repeat / 1e9
+    common = {
         "model_shape": shape.name, "tokens": n, "kv_dtype": kv_dtype.value, "streams": streams,
         "bytes": nbytes, "bytes_per_token": nbytes // (n * streams),
-        "grpc_s": g_s, "raw_tcp_s": r_s, "grpc_gbps": nbytes / g_s / 1e9, "raw_tcp_gbps": nbytes / r_s / 1e9,
-        "grpc_over_raw": r_s / g_s, "grpc_runs_s": g_times, "raw_tcp_runs_s": r_times,
+        "raw_tcp_s": r_s, "raw_tcp_gbps": nbytes / r_s / 1e9, "raw_tcp_runs_s": r_times,
+        "raw_tcp_sender_cpu_s_per_gb": cpu["raw_tcp"][0] / gb, "raw_tcp_receiver_cpu_s_per_gb": cpu["raw_tcp"][1] / gb,
     }
     if b_times:  # the same frames' sizes through gRPC with no per-byte Python work at either end
         b_s = statistics.median(b_times)
-        row.update({"bare_grpc_s": b_s, "bare_grpc_gbps": nbytes / b_s / 1e9, "bare_grpc_over_raw": r_s / b_s,
-                    "bare_grpc_runs_s": b_times})
-    gb = nbytes * repeat / 1e9
-    for kind, (tx, rx) in cpu.items():
-        if kind != "bare_grpc" or b_times:
-            row[f"{kind}_sender_cpu_s_per_gb"], row[f"{kind}_receiver_cpu_s_per_gb"] = tx / gb, rx / gb
-    row.update(stage_rates(layout, payload, kv_dtype, n, chunk_bytes))
-    if overlap:
-        row.update(_overlap(server, client, layout, payload, kv_dtype, n, chunk_bytes, g_s / streams, layer_compute_ms))
-    return row
+        common.update({"bare_grpc_s": b_s, "bare_grpc_gbps": nbytes / b_s / 1e9, "bare_grpc_over_raw": r_s / b_s,
+                       "bare_grpc_runs_s": b_times, "bare_grpc_sender_cpu_s_per_gb": cpu["bare_grpc"][0] / gb,
+                       "bare_grpc_receiver_cpu_s_per_gb": cpu["bare_grpc"][1] / gb})
+    common.update(stage_rates(layout, payload, kv_dtype, n, chunk_bytes))
+    rows = []
+    for t, client in clients.items():
+        label, g = transport_label(t), kv_times[t]
+        g_s = statistics.median(g)
+        row = {**common, "transport": label, "data_stripes": t, "kv_s": g_s, "kv_gbps": nbytes / g_s / 1e9,
+               "kv_over_raw": r_s / g_s, "kv_over_raw_paired": statistics.median([a / b for a, b in zip(r_times, g, strict=True)]),
+               "kv_runs_s": g, "kv_sender_cpu_s_per_gb": cpu[label][0] / gb,
+               "kv_receiver_cpu_s_per_gb": cpu[label][1] / gb}
+        if overlap:
+            row.update(_overlap(server, client, layout, payload, kv_dtype, n, chunk_bytes, g_s / streams,
+                                layer_compute_ms))
+        rows.append(row)
+    return rows
 
 
 def _overlap(server, client, layout, payload, kv_dtype, n, chunk_bytes, transfer_s, layer_compute_ms) -> dict:
@@ -398,51 +436,31 @@ def _overlap(server, client, layout, payload, kv_dtype, n, chunk_bytes, transfer
     }
 
 
-def format_table(result: dict[str, Any]) -> str:
-    head = (f"{'shape':<20} {'tokens':>6} {'kv':>9} {'str':>3} {'MiB':>8} {'B/tok':>7} {'gRPC GB/s':>9} "
-            f"{'raw GB/s':>8} {'ratio':>6} {'bare':>5} {'hidden':>7}")
-    lines = [head, "-" * len(head)]
-    for r in result["rows"]:
-        hidden = f"{100 * r['hidden_fraction']:.0f}%" if "hidden_fraction" in r else "-"
-        lines.append(
-            f"{r['model_shape']:<20} {r['tokens']:>6} {r['kv_dtype']:>9} {r['streams']:>3} {r['bytes'] / 2**20:>8.1f} "
-            f"{r['bytes_per_token']:>7} {r['grpc_gbps']:>9.2f} {r['raw_tcp_gbps']:>8.2f} {r['grpc_over_raw']:>6.2f} "
-            f"{r.get('bare_grpc_over_raw', float('nan')):>5.2f} {hidden:>7}"
-        )
-    by = {(r["tokens"], r["kv_dtype"]): r["bytes_per_token"] for r in result["rows"]}
-    for n in sorted({r["tokens"] for r in result["rows"]}):
-        if (n, "bf16") in by and (n, "fp8_e4m3") in by:
-            lines.append(f"fp8_e4m3 moves {by[(n, 'fp8_e4m3')] / by[(n, 'bf16')]:.3f}x the bytes of bf16 "
-                         f"(scales included) at {n} tokens")
-    for r in result["rows"]:
-        if "bare_grpc_receiver_cpu_s_per_gb" in r:
-            lines.append(
-                f"cpu s/GB {r['tokens']:>6} {r['kv_dtype']:>9} (sender/receiver): KV gRPC "
-                f"{r['grpc_sender_cpu_s_per_gb']:.2f}/{r['grpc_receiver_cpu_s_per_gb']:.2f}, bare gRPC "
-                f"{r['bare_grpc_sender_cpu_s_per_gb']:.2f}/{r['bare_grpc_receiver_cpu_s_per_gb']:.2f}, raw TCP "
-                f"{r['raw_tcp_sender_cpu_s_per_gb']:.2f}/{r['raw_tcp_receiver_cpu_s_per_gb']:.2f}"
-            )
-    lines.append("bare = a raw-bytes gRPC stream of the same frames with no per-byte work at either end, over raw TCP")
-    for r in result["rows"]:
-        lines.append(
-            f"stages {r['tokens']:>6} {r['kv_dtype']:>9}: framing {r['frame_gbps']:.2f} GB/s, receive+verify "
-            f"{r['receive_gbps']:.2f} GB/s ({r['receive_no_value_checks_gbps']:.2f} without value checks; one thread "
-            f"each, in-process); bare gRPC {r.get('bare_grpc_gbps', float('nan')):.2f} GB/s across processes"
-        )
-    for r in result["rows"]:
-        if "hidden_fraction" in r:
-            lines.append(
-                f"overlap {r['tokens']:>6} {r['kv_dtype']:>9}: compute {r['layer_compute_ms']:.1f} ms/layer, "
-                f"send-after-prefill exposes {1e3 * r['exposed_transfer_serial_s']:.0f} ms, layer streaming "
-                f"{1e3 * r['exposed_transfer_streamed_s']:.0f} ms -> {100 * r['hidden_fraction']:.0f}% hidden"
-            )
-    return "\n".join(lines)
+def _transports(spec: str, stripes: str | None) -> list[int]:
+    """--transport / --stripes -> data-plane connection counts, 0 for gRPC (ValueError when bad)."""
+    out: list[int] = []
+    for name in (x for x in spec.split(",") if x):
+        if name == "grpc":
+            out.append(0)
+        elif name == "data":
+            if stripes is None:
+                from workers.kv_transfer.client import DEFAULT_DATA_STRIPES
+
+                out.append(DEFAULT_DATA_STRIPES)
+            else:
+                out.extend(int(k) for k in stripes.split(",") if k)
+        else:
+            raise ValueError(f"unknown transport {name!r} (data, grpc)")
+    if not out or any(not 0 <= t <= 16 for t in out):
+        raise ValueError("--transport/--stripes: need at least one transport, stripes in [1, 16]")
+    return list(dict.fromkeys(out))
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         tokens = [int(x) for x in str(args.tokens).split(",") if x]
         dtypes = [KVDtype(x) for x in str(args.kv_dtype).split(",") if x]
+        transports = _transports(str(args.transport), args.stripes)
     except ValueError as e:
         print(f"tandem bench: {e}", file=sys.stderr)
         return 2
@@ -451,7 +469,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     result = run_bench(args.model_shape, tokens, dtypes, streams=args.streams, repeat=args.repeat,
                        chunk_bytes=int(args.chunk_mib * (1 << 20)), layer_compute_ms=args.layer_compute_ms,
-                       overlap=not args.no_overlap)
+                       overlap=not args.no_overlap, transports=transports)
     result["command"] = "tandem bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
     print(format_table(result))
     if args.json:

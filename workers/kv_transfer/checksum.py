@@ -1,4 +1,4 @@
-"""CRC32C (Castagnoli), the payload checksum of protocol 2.
+"""CRC32C (Castagnoli), the payload checksum of protocols 2 and 3.
 
 `crc32c(data, value=0) -> int` returns the CRC32C of `data` continuing from `value` (so a frame's
 sections can be checksummed one after another without joining them). Backends, in order:

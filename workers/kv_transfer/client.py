@@ -14,6 +14,8 @@ import grpc
 from orchestrator.core.types import KVDtype, TandemError
 from workers.kv_payload import KVCapacityError, KVLayerPayload, KVLayout, KVLayoutMismatch
 from workers.kv_transfer import control
+from workers.kv_transfer.dataplane_client import DataPlaneStream
+from workers.kv_transfer.dataplane_codec import MAX_STRIPES
 from workers.kv_transfer.errors import (
     KVTransferError,
     TransferAuthError,
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 ABORT_CANCEL_TIMEOUT_S = 2.0  # abort()'s best-effort Cancel RPC; the receiver's lease is the backstop
 
 DEFAULT_PREFETCH_FRAMES = 2  # frames framed ahead of gRPC's send (see GrpcKVStream)
+DEFAULT_DATA_STRIPES = 2  # TCP connections per transfer on the data plane (bench: README "Measured")
 
 _BY_CODE = {
     grpc.StatusCode.UNAUTHENTICATED: TransferAuthError,
@@ -74,11 +77,22 @@ class KVTransferClient:
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         timeout_s: float = 10.0,
         tune_malloc: bool = True,
+        data_plane: bool = True,
+        data_stripes: int = DEFAULT_DATA_STRIPES,
     ) -> None:
+        """data_plane: stream over the receiver's raw-TCP data plane when it offers one (protocol 3,
+        dataplane.py; never with TLS), striped over data_stripes connections (1..16); otherwise, or
+        with data_plane=False, over a gRPC PushKV stream."""
+        if not 1 <= data_stripes <= MAX_STRIPES:
+            raise ValueError(f"data_stripes must be in [1, {MAX_STRIPES}], got {data_stripes}")
         if tune_malloc:  # process-wide glibc thresholds (memory.py): frames stop page-faulting
             tune_malloc_for_streaming()
         self.target = target
-        self._md = ((TOKEN_METADATA_KEY, check_token(auth_token)),)
+        self.auth_token = check_token(auth_token)
+        self._md = ((TOKEN_METADATA_KEY, self.auth_token),)
+        self.data_plane = data_plane and tls is None
+        self.data_stripes = int(data_stripes)
+        self._data_port: int | None = None  # learnt from the receiver's Health reply
         self.timeout_s = timeout_s
         self.max_frame_bytes = max_frame_bytes
         opts = channel_options(max_frame_bytes + MAX_HEADER_BYTES)
@@ -113,6 +127,7 @@ class KVTransferClient:
         """Compare layouts with the receiver; KVLayoutMismatch names every differing factor."""
         reply = control.decode_handshake_reply(self._call(self._handshake, control.encode_handshake_request(layout)))
         if reply.ok:
+            self._data_port = reply.data_port
             return
         diffs = layout.mismatches(reply.layout)
         if reply.protocol_version != PROTOCOL_VERSION:
@@ -120,7 +135,23 @@ class KVTransferClient:
         raise KVLayoutMismatch("KV layout mismatch with " + self.target + ": " + "; ".join(diffs or ["compat hash"]))
 
     def health(self) -> control.Health:
-        return control.decode_health(self._call(self._health, b""))
+        h = control.decode_health(self._call(self._health, b""))
+        self._data_port = h.data_port
+        return h
+
+    def data_address(self) -> tuple[str, int] | None:
+        """(host, port) of the receiver's data plane, or None when it is not used (asks Health once)."""
+        if not self.data_plane:
+            return None
+        if self._data_port is None:
+            try:
+                self.health()
+            except TandemError:  # the PushKV fallback reports the reason
+                return None
+        if not self._data_port:
+            return None
+        host = self.target.rsplit(":", 1)[0]
+        return host.strip("[]"), self._data_port
 
     def cancel(self, request_id: str) -> bool:
         """Ask the receiver to drop request_id's reservation/transfer. True when it existed."""
@@ -139,8 +170,21 @@ class KVTransferClient:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         max_queue_bytes: int = 64 * 1024 * 1024,
         src_block_size: int = 0,
-    ) -> GrpcKVStream:
-        """Start a PushKV stream (the receiver must have reserved request_id). See sender.KVStream."""
+    ) -> GrpcKVStream | DataPlaneStream:
+        """Start a transfer (the receiver must have reserved request_id). See sender.KVStream.
+
+        Over the receiver's data plane when there is one (`data_address`), else a gRPC PushKV stream."""
+        addr = self.data_address()
+        if addr is not None:
+            try:
+                return DataPlaneStream(
+                    self, addr[0], addr[1], request_id, layout, kv_dtype, prompt_token_ids, deadline_s=deadline_s,
+                    wire_dtype=wire_dtype, chunk_bytes=min(chunk_bytes, self.max_frame_bytes // 2),
+                    max_queue_bytes=max_queue_bytes, src_block_size=src_block_size, stripes=self.data_stripes,
+                )
+            except TransferUnavailable as e:  # e.g. a firewall lets gRPC through but not the data port
+                log.warning("%s; this client falls back to gRPC streams", e)
+                self.data_plane = False
         return GrpcKVStream(
             self, request_id, layout, kv_dtype, prompt_token_ids, deadline_s=deadline_s, wire_dtype=wire_dtype,
             chunk_bytes=min(chunk_bytes, self.max_frame_bytes // 2), max_queue_bytes=max_queue_bytes,
@@ -175,6 +219,7 @@ class GrpcKVStream(KVStream):
         # frames ready for gRPC: bytes, the framer's exception, or None (end of stream)
         self._frames: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=max(1, int(prefetch_frames)))
         self._stop = threading.Event()
+        self._local_error: TandemError | None = None
         self._client = client
         self._future: grpc.Future | None = None
         self._framer = threading.Thread(target=self._frame_loop, name="kv-tx-framer", daemon=True)
@@ -224,6 +269,8 @@ class GrpcKVStream(KVStream):
                     self._qbytes -= cost
                     self._cv.notify_all()
         except BaseException as e:  # surfaces in gRPC's iterator: the call fails instead of hanging
+            self._local_error = KVTransferError(f"framing failed: {type(e).__name__}: {e}")
+            self._cancel_remote()  # the stream may fail before it reached the receiver's handler
             self._put(e)
             return
         self._put(None)
@@ -244,6 +291,8 @@ class GrpcKVStream(KVStream):
             yield item
 
     def _error(self) -> TandemError:
+        if self._local_error is not None:  # a local failure is the real cause of the cut stream
+            return self._local_error
         try:
             self._future.result(timeout=0)
         except grpc.RpcError as e:
@@ -276,21 +325,24 @@ class GrpcKVStream(KVStream):
         try:
             body = self._future.result()
         except grpc.RpcError as e:
-            raise error_from_rpc(e) from None
+            raise (self._local_error or error_from_rpc(e)) from None
         except grpc.FutureCancelledError:
             raise TransferCancelled(f"stream {self.request_id!r} was aborted") from None
         return control.decode_ack(body)
 
-    def abort(self) -> None:
-        self.closed = True
-        # Tell the receiver first, so that it records a cancellation (not a truncated stream) and frees
-        # the reservation even when the call never reached its handler. Best effort: when the
-        # receiver is unreachable its lease frees the blocks.
+    def _cancel_remote(self) -> None:
+        """Best-effort Cancel RPC: the receiver records a cancellation (not a truncated stream) and frees
+        the reservation even when the call never reached its handler; if it is unreachable, its lease
+        frees the blocks."""
         try:
             self._client._cancel(control.encode_cancel(self.request_id), timeout=ABORT_CANCEL_TIMEOUT_S,
                                  metadata=self._client._md)
         except Exception:  # noqa: BLE001 - the peer may be gone; the lease frees the blocks then
-            log.debug("cancel of %s on abort did not reach the receiver", self.request_id)
+            log.debug("cancel of %s did not reach the receiver", self.request_id)
+
+    def abort(self) -> None:
+        self.closed = True
+        self._cancel_remote()  # first, so that the receiver records a cancellation
         self._stop.set()  # the framer and gRPC's iterator both return within 50 ms
         if self._future is not None:
             self._future.cancel()

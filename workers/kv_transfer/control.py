@@ -84,13 +84,19 @@ class HandshakeReply:
     compat_hash: str
     layout: KVLayout
     accepted_dtypes: tuple[WireDtype, ...]
+    data_port: int = 0  # protocol 3: TCP port of the receiver's raw data plane, 0 when it has none
 
 
-def encode_handshake_reply(ok: bool, layout: KVLayout) -> bytes:
+def encode_handshake_reply(ok: bool, layout: KVLayout, data_port: int = 0) -> bytes:
     return pack({
         "v": PROTOCOL_VERSION, "ok": ok, "hash": layout.compat_hash(PROTOCOL_VERSION),
-        "layout": layout.as_dict(), "dtypes": [d.value for d in WireDtype],
+        "layout": layout.as_dict(), "dtypes": [d.value for d in WireDtype], "dport": int(data_port),
     })
+
+
+def _data_port(h: dict[str, Any], what: str) -> int:
+    """`dport` (protocol 3); absent means no data plane."""
+    return get_int(h, "dport", 0, 65535, what) if "dport" in h else 0
 
 
 def decode_handshake_reply(data: bytes) -> HandshakeReply:
@@ -108,6 +114,7 @@ def decode_handshake_reply(data: bytes) -> HandshakeReply:
         compat_hash=get_str(h, "hash", 128, "handshake reply"),
         layout=layout_from_dict(h.get("layout")),
         accepted_dtypes=accepted,
+        data_port=_data_port(h, "handshake reply"),
     )
 
 
@@ -128,10 +135,12 @@ class Health:
     protocol_version: int
     active_transfers: int
     reservations: int
+    data_port: int = 0  # protocol 3: TCP port of the receiver's raw data plane, 0 when it has none
 
 
-def encode_health(active: int, reservations: int) -> bytes:
-    return pack({"v": PROTOCOL_VERSION, "ok": True, "active": active, "reserved": reservations})
+def encode_health(active: int, reservations: int, data_port: int = 0) -> bytes:
+    return pack({"v": PROTOCOL_VERSION, "ok": True, "active": active, "reserved": reservations,
+                 "dport": int(data_port)})
 
 
 def decode_health(data: bytes) -> Health:
@@ -144,6 +153,7 @@ def decode_health(data: bytes) -> Health:
         protocol_version=get_int(h, "v", 0, 65535, "health reply"),
         active_transfers=get_int(h, "active", 0, 1 << 31, "health reply"),
         reservations=get_int(h, "reserved", 0, 1 << 31, "health reply"),
+        data_port=_data_port(h, "health reply"),
     )
 
 

@@ -102,6 +102,19 @@ def has_nonfinite(t: torch.Tensor, wire: WireDtype) -> bool:
     return int(i8.max()) >= lo or int(i8.view(np.uint8).max()) >= 0x80 | lo
 
 
+def has_nonfinite_bytes(buf: memoryview, wire: WireDtype) -> bool:
+    """`has_nonfinite` on raw little-endian bytes of `wire` elements (numpy only, no torch dispatch).
+    len(buf) must be a multiple of the element size."""
+    if len(buf) == 0:
+        return False
+    if wire is WireDtype.BF16:
+        i16 = np.frombuffer(buf, dtype="<i2")
+        return int(i16.max()) >= 0x7F80 or int(i16.view("<u2").max()) >= 0xFF80
+    lo = _NONFINITE_MIN_U8[wire]
+    i8 = np.frombuffer(buf, dtype=np.int8)
+    return int(i8.max()) >= lo or int(i8.view(np.uint8).max()) >= 0x80 | lo
+
+
 def quantize(x: torch.Tensor, wire: WireDtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Quantize float `x [T, H, D]` per (token, head): returns (q, scale [T, H] float32) or (bf16, None)."""
     if wire is WireDtype.BF16:

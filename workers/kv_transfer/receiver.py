@@ -48,13 +48,14 @@ from workers.kv_transfer.errors import (
     TransferCancelled,
     UnknownTransfer,
 )
-from workers.kv_transfer.fp8 import WireDtype, has_nonfinite, transcode, wire_dtype_of
+from workers.kv_transfer.fp8 import WireDtype, has_nonfinite_bytes, transcode, wire_dtype_of
 from workers.kv_transfer.leases import LeaseReaper
 from workers.kv_transfer.wire import (
     DEFAULT_MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
     ChunkFrame,
     FinishFrame,
+    Frame,
     OpenFrame,
     decode_frame,
 )
@@ -102,12 +103,40 @@ class _Reservation:
 def _readonly_tensor(view: memoryview) -> torch.Tensor:
     """A uint8 tensor over received bytes without copying (torch warns about read-only memory;
     the tensor is never written: the sink copies into its cache)."""
+    if not view.readonly:  # the data plane's own buffers: nothing to silence
+        return torch.frombuffer(view, dtype=torch.uint8) if len(view) else torch.empty(0, dtype=torch.uint8)
     with _WARN_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return torch.frombuffer(view, dtype=torch.uint8) if len(view) else torch.empty(0, dtype=torch.uint8)
 
 
 _WARN_LOCK = threading.Lock()
+
+
+def check_chunk_values(c: ChunkFrame, check_values: bool = True) -> None:
+    """The checks a chunk needs on its own bytes (no stream state; FrameError): section sizes whole
+    elements of its dtype, scales finite and >= 0, and (check_values) no NaN/Inf encodings in K, V.
+    Stateless, so a transport may run it on any thread (the data plane: one per connection)."""
+    wire = c.wire_dtype
+    el = wire.bytes_per_element
+    k_len, v_len, ks_len, vs_len = c.lengths
+    if k_len % el or v_len % el or ks_len % 4 or vs_len % 4:
+        raise FrameError(f"chunk section sizes {list(c.lengths)} are not whole {wire.value} / float32 elements")
+    layer = c.layer_start
+    for i in (2, 3):  # numpy: torch's tiny CPU ops cost ms each on a loaded box
+        arr = np.frombuffer(c.section(i), dtype="<f4")
+        if not (np.isfinite(arr).all() and (arr >= 0).all()):
+            raise FrameError(f"layer {layer}: scales must be finite and >= 0")
+    if check_values and (has_nonfinite_bytes(c.section(0), wire) or has_nonfinite_bytes(c.section(1), wire)):
+        raise FrameError(f"layer {layer}: KV holds NaN/Inf encodings of {wire.value}")
+
+
+def decode_checked(data: bytes | memoryview, max_frame_bytes: int, check_values: bool = True) -> Frame:
+    """decode_frame (sizes, CRC32C) + check_chunk_values: everything one frame can be checked for alone."""
+    frame = decode_frame(data, max_frame_bytes)
+    if isinstance(frame, ChunkFrame):
+        check_chunk_values(frame, check_values)
+    return frame
 
 
 def payload_bound_bytes(num_tokens: int, num_kv_heads: int, head_dim: int, wire: WireDtype) -> int:
@@ -199,20 +228,23 @@ class KVReceiver:
 
     # ------------------------------------------------------------ control RPC bodies
 
-    def handshake(self, body: bytes) -> bytes:
+    def handshake(self, body: bytes, data_port: int = 0) -> bytes:
         decode_peer = control.decode_handshake_request(body)
         version, peer_hash, _peer_layout = decode_peer
         mine = self.sink.kv_layout
         ok = version == PROTOCOL_VERSION and peer_hash == mine.compat_hash(PROTOCOL_VERSION)
-        return control.encode_handshake_reply(ok, mine)
+        return control.encode_handshake_reply(ok, mine, data_port)
 
-    def health(self) -> bytes:
-        return control.encode_health(*self.counts())
+    def health(self, data_port: int = 0) -> bytes:
+        return control.encode_health(*self.counts(), data_port=data_port)
 
     # ------------------------------------------------------------ streams
 
-    def begin(self) -> Session:
-        return Session(self)
+    def begin(self, frames_held: int = 1) -> Session:
+        """A new incoming stream. frames_held: how many frames its transport may hold at once (the
+        gRPC stream 1; the data plane its reorder window + one per connection + the one verified),
+        charged against max_inflight_bytes at OPEN."""
+        return Session(self, frames_held)
 
     def _expire_if_due(self, request_id: str) -> None:
         with self._lock:
@@ -243,14 +275,14 @@ class KVReceiver:
             self.on_failure(request_id, err)
         return True
 
-    def _claim(self, frame: OpenFrame) -> _Reservation:
+    def _claim(self, frame: OpenFrame, frames_held: int = 1) -> _Reservation:
         with self._lock:
             res = self._res.get(frame.request_id)
             if res is None:
                 raise UnknownTransfer(f"no reservation for request {frame.request_id!r}: reserve before streaming")
             if res.state is not TransferState.RESERVED:
                 raise FrameError(f"request {frame.request_id!r} is already {res.state.value}")
-            bound = self.stream_bound_bytes(frame)
+            bound = self.stream_bound_bytes(frame) * frames_held
             if self._inflight_bytes + bound > self.max_inflight_bytes:
                 raise KVCapacityError(
                     f"receiver buffer budget exhausted: {self._inflight_bytes} + {bound} bytes > "
@@ -273,8 +305,9 @@ class KVReceiver:
 class Session:
     """One incoming stream. Feed it frames in order; it returns the ack after a valid FINISH."""
 
-    def __init__(self, receiver: KVReceiver) -> None:
+    def __init__(self, receiver: KVReceiver, frames_held: int = 1) -> None:
         self.r = receiver
+        self.frames_held = max(1, int(frames_held))
         self.res: _Reservation | None = None
         self.open: OpenFrame | None = None
         self.next_seq = 0
@@ -289,10 +322,20 @@ class Session:
     def set_abort_hook(self, hook: Callable[[], None]) -> None:
         self._abort_hook = hook
 
-    def feed(self, data: bytes) -> control.TransferAck | None:
+    def feed(self, data: bytes | memoryview) -> control.TransferAck | None:
         """Process one frame. Raises a typed error (and releases the blocks) on any problem."""
+        return self.feed_frame(data)
+
+    def feed_frame(self, item: bytes | memoryview | Frame | TandemError) -> control.TransferAck | None:
+        """`feed` for a frame's bytes, or for a frame a transport already passed through
+        `decode_checked` on another thread (or the typed error that raised, failing the stream here,
+        in stream order)."""
         try:
-            return self._feed(data)
+            if isinstance(item, TandemError):
+                raise item
+            if not isinstance(item, OpenFrame | ChunkFrame | FinishFrame):
+                item = decode_checked(item, self.r.max_frame_bytes, self.r.check_values)
+            return self._feed(item)
         except TandemError as e:
             self.abort(e)
             raise
@@ -313,10 +356,9 @@ class Session:
             self.res.on_abort = None
             self.r._fail(self.res.request_id, err)
 
-    def _feed(self, data: bytes) -> control.TransferAck | None:
+    def _feed(self, frame: Frame) -> control.TransferAck | None:
         if self.done:
             raise FrameError("frame after the end of the stream")
-        frame = decode_frame(data, self.r.max_frame_bytes)
         if self.open is None:
             if not isinstance(frame, OpenFrame):
                 raise FrameError(f"stream must start with an open frame, got {type(frame).__name__}")
@@ -341,8 +383,8 @@ class Session:
             return self._on_finish(frame, res)
 
     def _on_open(self, f: OpenFrame) -> None:
-        self.res = res = self.r._claim(f)  # raises UnknownTransfer / KVCapacityError
-        self.budget = self.r.stream_bound_bytes(f)
+        self.res = res = self.r._claim(f, self.frames_held)  # raises UnknownTransfer / KVCapacityError
+        self.budget = self.r.stream_bound_bytes(f) * self.frames_held
         res.on_abort = getattr(self, "_abort_hook", None)
         sink_layout = self.r.sink.kv_layout
         if f.compat_hash != sink_layout.compat_hash(PROTOCOL_VERSION):
@@ -407,15 +449,9 @@ class Session:
         k = section(0).view(wire.torch_dtype).reshape(ntok, h, d)
         v = section(1).view(wire.torch_dtype).reshape(ntok, h, d)
         ks = vs = None
-        if wire.is_fp8:
+        if wire.is_fp8:  # values were checked with the frame (check_chunk_values)
             ks = section(2).view(torch.float32).reshape(ntok, h)
             vs = section(3).view(torch.float32).reshape(ntok, h)
-            for s in (ks, vs):  # numpy: torch's tiny CPU ops cost ms each on a loaded box
-                arr = s.numpy()
-                if not (np.isfinite(arr).all() and (arr >= 0).all()):
-                    raise FrameError(f"layer {layer}: scales must be finite and >= 0")
-        if self.r.check_values and (has_nonfinite(k, wire) or has_nonfinite(v, wire)):
-            raise FrameError(f"layer {layer}: KV holds NaN/Inf encodings of {wire.value}")
         payload = KVLayerPayload(layer=layer, token_start=c.token_start, k=k, v=v, k_scale=ks, v_scale=vs)
         t = time.perf_counter()
         target = getattr(self.r.sink, "kv_wire_dtype", None) or wire_dtype_of(self.r.sink.kv_dtype)

@@ -24,7 +24,7 @@ from workers.kv_payload import KVImportError, KVLayerPayload, KVLayout
 from workers.kv_transfer.control import TransferAck
 from workers.kv_transfer.errors import FrameError
 from workers.kv_transfer.fp8 import WireDtype, transcode, wire_dtype_of
-from workers.kv_transfer.wire import PROTOCOL_VERSION, encode_chunk, encode_finish, encode_open
+from workers.kv_transfer.wire import PROTOCOL_VERSION, chunk_parts, encode_finish, encode_open
 
 DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024
 
@@ -53,6 +53,20 @@ def iter_frames(
 
     Lazy: one frame exists at a time (fresh memory costs page faults; recycled memory does not).
     """
+    for parts in iter_frame_parts(request_id, payload, wire, first_seq, chunk_bytes, src_block_size):
+        yield b"".join(parts)
+
+
+def iter_frame_parts(
+    request_id: str,
+    payload: KVLayerPayload,
+    wire: WireDtype,
+    first_seq: int,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    src_block_size: int = 0,
+) -> Iterator[list[memoryview | bytes]]:
+    """The frames of `iter_frames`, each as [prefix + header, *sections] (`wire.chunk_parts`): the
+    sections view the payload's memory, nothing is copied."""
     n, h, d = (int(x) for x in payload.k.shape)
     tok_bytes = h * d * wire.bytes_per_element
     scale_tok_bytes = h * 4 if wire.is_fp8 else 0
@@ -68,7 +82,7 @@ def iter_frames(
             ks[a * scale_tok_bytes : b * scale_tok_bytes],
             vs[a * scale_tok_bytes : b * scale_tok_bytes],
         ]
-        yield encode_chunk(
+        yield chunk_parts(
             request_id, first_seq + i, payload.layer, payload.token_start + a, payload.token_start + b,
             wire, sections, end_of_payload=b == n, src_block_size=src_block_size,
         )

@@ -19,6 +19,7 @@ import grpc
 from orchestrator.core.types import TandemError
 from workers.kv_payload import KVCapacityError, KVImportError, KVLayout, KVLayoutMismatch, KVSink
 from workers.kv_transfer import control
+from workers.kv_transfer.dataplane import DataPlaneServer
 from workers.kv_transfer.errors import (
     ChecksumError,
     FrameError,
@@ -96,7 +97,12 @@ class KVTransferServer:
         max_workers: int = 8,
         check_values: bool = True,
         tune_malloc: bool = True,
+        data_plane: bool = True,
+        data_port: int = 0,
     ) -> None:
+        """data_plane: also accept transfers over a raw-TCP data plane on host:data_port (protocol 3,
+        dataplane.py; 0 = an ephemeral port), advertised in Health/Handshake replies. Never with TLS
+        (the data plane is plaintext): then only gRPC streams are accepted."""
         self._token = check_token(auth_token).encode()
         self.host, self._port, self.tls = host, int(port), tls
         self.receiver = KVReceiver(
@@ -107,6 +113,9 @@ class KVTransferServer:
         self._max_workers = max_workers
         self._tune_malloc = tune_malloc
         self._server: grpc.Server | None = None
+        self._data: DataPlaneServer | None = None
+        self._data_wanted = data_plane and tls is None
+        self._data_port_arg = int(data_port)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -135,6 +144,14 @@ class KVTransferServer:
             port = server.add_insecure_port(addr)
         if port == 0:
             raise OSError(f"could not bind the KV transfer server to {addr}")
+        if self._data_wanted:
+            data = DataPlaneServer(self.receiver, self._token, self.host, self._data_port_arg)
+            try:
+                data.start()
+            except OSError:
+                server.stop(0)
+                raise
+            self._data = data
         server.start()
         self._server, self._port = server, port
         return port
@@ -142,6 +159,9 @@ class KVTransferServer:
     def stop(self, grace_s: float = 1.0) -> None:
         """Cancel every transfer (blocks released) and stop serving."""
         self.receiver.close()
+        if self._data is not None:
+            self._data.stop()
+            self._data = None
         if self._server is not None:
             self._server.stop(grace_s).wait()
             self._server = None
@@ -153,6 +173,11 @@ class KVTransferServer:
     @property
     def address(self) -> str:
         return f"{self.host}:{self._port}"
+
+    @property
+    def data_port(self) -> int:
+        """The data plane's TCP port (0 when there is none: disabled, TLS, or not started)."""
+        return self._data.port if self._data is not None else 0
 
     # ------------------------------------------------------------ local calls (decode worker)
 
@@ -190,10 +215,10 @@ class KVTransferServer:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _handshake(self, body: bytes, context: grpc.ServicerContext) -> bytes:
-        return self._unary(self.receiver.handshake, body, context)
+        return self._unary(lambda b: self.receiver.handshake(b, self.data_port), body, context)
 
     def _health(self, body: bytes, context: grpc.ServicerContext) -> bytes:
-        return self._unary(lambda _b: self.receiver.health(), body, context)
+        return self._unary(lambda _b: self.receiver.health(self.data_port), body, context)
 
     def _cancel(self, body: bytes, context: grpc.ServicerContext) -> bytes:
         def do(b: bytes) -> bytes:

@@ -32,7 +32,12 @@ from workers.kv_transfer.fp8 import WireDtype
 #   2  2026-11-22  the `crc` fields (OPEN and CHUNK) are CRC32C (Castagnoli, RFC 3720) instead of
 #                  zlib's crc32: hardware-accelerated (~10x faster here), stdlib crc32 was the
 #                  throughput bound. Frames, headers and sections otherwise unchanged.
-PROTOCOL_VERSION = 2
+#   3  2026-11-22  a second data plane: the same frames may travel over raw TCP connections (one
+#                  transfer striped over 1-16 of them) negotiated through the gRPC control RPCs
+#                  (Health / Handshake replies carry `dport`); `dataplane_codec.py` holds the connection
+#                  preamble, the length+position envelope and the reply. Frame bytes unchanged but
+#                  for this version field. Reason: a gRPC stream costs ~2x the CPU per GB of KV.
+PROTOCOL_VERSION = 3
 CHECKSUM_ALGORITHM = "crc32c"  # what the `crc` header fields hold in this protocol version
 
 MAGIC = b"TKVF"
@@ -77,7 +82,7 @@ class ChunkFrame:
     request_id: str
     seq: int
     layer_start: int
-    layer_end: int  # exclusive; protocols 1-2 require layer_end == layer_start + 1
+    layer_end: int  # exclusive; protocols 1-3 require layer_end == layer_start + 1
     token_start: int
     token_end: int  # exclusive
     wire_dtype: WireDtype
@@ -105,11 +110,16 @@ class FinishFrame:
 Frame = OpenFrame | ChunkFrame | FinishFrame
 
 
-def _pack(kind: FrameKind, header: dict[str, Any], payload: Sequence[memoryview | bytes] = ()) -> bytes:
+def _head(kind: FrameKind, header: dict[str, Any]) -> bytes:
+    """Prefix + msgpack header of a frame (what precedes its payload sections)."""
     hdr = msgpack.packb(header, use_bin_type=True)
     if len(hdr) > MAX_HEADER_BYTES:
         raise FrameError(f"header of {len(hdr)} bytes exceeds {MAX_HEADER_BYTES}")
-    return b"".join([PREFIX.pack(MAGIC, PROTOCOL_VERSION, int(kind), 0, len(hdr)), hdr, *payload])
+    return PREFIX.pack(MAGIC, PROTOCOL_VERSION, int(kind), 0, len(hdr)) + hdr
+
+
+def _pack(kind: FrameKind, header: dict[str, Any], payload: Sequence[memoryview | bytes] = ()) -> bytes:
+    return b"".join([_head(kind, header), *payload])
 
 
 def encode_open(
@@ -146,6 +156,23 @@ def encode_chunk(
     src_block_size: int = 0,
 ) -> bytes:
     """CHUNK frame carrying sections [k, v, k_scale, v_scale] (scales empty for bf16)."""
+    return b"".join(chunk_parts(request_id, seq, layer, token_start, token_end, wire_dtype, sections,
+                                end_of_payload, src_block_size))
+
+
+def chunk_parts(
+    request_id: str,
+    seq: int,
+    layer: int,
+    token_start: int,
+    token_end: int,
+    wire_dtype: WireDtype,
+    sections: Sequence[memoryview | bytes],
+    end_of_payload: bool,
+    src_block_size: int = 0,
+) -> list[memoryview | bytes]:
+    """The CHUNK frame of `encode_chunk` as [prefix + header, *sections], not joined: the data
+    plane writes the parts to its socket one after another (no copy of the payload on the sender)."""
     crc = 0
     for s in sections:
         crc = crc32c(s, crc)
@@ -155,7 +182,7 @@ def encode_chunk(
         "dt": wire_dtype.value, "scale": scale.value, "bs": src_block_size,
         "len": [len(memoryview(s).cast("B")) for s in sections], "crc": crc, "eop": end_of_payload,
     }
-    return _pack(FrameKind.CHUNK, header, sections)
+    return [_head(FrameKind.CHUNK, header), *sections]
 
 
 def encode_finish(request_id: str, seq: int, first_token_id: int, num_chunks: int, payload_bytes: int) -> bytes:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0ftandem_kv.proto\x12\x0ctandem.kv.v1\"\xaf\x01\n\x0cKVLayoutSpec\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\x12\n\nrope_theta\x18\x05 \x01(\x01\x12\x34\n\x0crope_scaling\x18\x06 \x03(\x0b\x32\x1e.tandem.kv.v1.RopeScalingEntry\".\n\x10RopeScalingEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"W\n\x10HandshakeRequest\x12\t\n\x01v\x18\x01 \x01(\r\x12\x0c\n\x04hash\x18\x02 \x01(\t\x12*\n\x06layout\x18\x03 \x01(\x0b\x32\x1a.tandem.kv.v1.KVLayoutSpec\"q\n\x0eHandshakeReply\x12\t\n\x01v\x18\x01 \x01(\r\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x0c\n\x04hash\x18\x03 \x01(\t\x12*\n\x06layout\x18\x04 \x01(\x0b\x32\x1a.tandem.kv.v1.KVLayoutSpec\x12\x0e\n\x06\x64types\x18\x05 \x03(\t\"\x18\n\x07KVFrame\x12\r\n\x05\x66rame\x18\x01 \x01(\x0c\"[\n\x07PushAck\x12\x0b\n\x03rid\x18\x01 \x01(\t\x12\x0c\n\x04ntok\x18\x02 \x01(\r\x12\x0e\n\x06\x63hunks\x18\x03 \x01(\x04\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\n\n\x02\x64t\x18\x05 \x01(\t\x12\n\n\x02ms\x18\x06 \x01(\x01\"\x1c\n\rCancelRequest\x12\x0b\n\x03rid\x18\x01 \x01(\t\"(\n\x0b\x43\x61ncelReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\"\x0f\n\rHealthRequest\"F\n\x0bHealthReply\x12\t\n\x01v\x18\x01 \x01(\r\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x0e\n\x06\x61\x63tive\x18\x03 \x01(\r\x12\x10\n\x08reserved\x18\x04 \x01(\r2\x95\x02\n\nKVTransfer\x12I\n\tHandshake\x12\x1e.tandem.kv.v1.HandshakeRequest\x1a\x1c.tandem.kv.v1.HandshakeReply\x12\x38\n\x06PushKV\x12\x15.tandem.kv.v1.KVFrame\x1a\x15.tandem.kv.v1.PushAck(\x01\x12@\n\x06\x43\x61ncel\x12\x1b.tandem.kv.v1.CancelRequest\x1a\x19.tandem.kv.v1.CancelReply\x12@\n\x06Health\x12\x1b.tandem.kv.v1.HealthRequest\x1a\x19.tandem.kv.v1.HealthReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0ftandem_kv.proto\x12\x0ctandem.kv.v1\"\xaf\x01\n\x0cKVLayoutSpec\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\x12\n\nrope_theta\x18\x05 \x01(\x01\x12\x34\n\x0crope_scaling\x18\x06 \x03(\x0b\x32\x1e.tandem.kv.v1.RopeScalingEntry\".\n\x10RopeScalingEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"W\n\x10HandshakeRequest\x12\t\n\x01v\x18\x01 \x01(\r\x12\x0c\n\x04hash\x18\x02 \x01(\t\x12*\n\x06layout\x18\x03 \x01(\x0b\x32\x1a.tandem.kv.v1.KVLayoutSpec\"\x80\x01\n\x0eHandshakeReply\x12\t\n\x01v\x18\x01 \x01(\r\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x0c\n\x04hash\x18\x03 \x01(\t\x12*\n\x06layout\x18\x04 \x01(\x0b\x32\x1a.tandem.kv.v1.KVLayoutSpec\x12\x0e\n\x06\x64types\x18\x05 \x03(\t\x12\r\n\x05\x64port\x18\x06 \x01(\r\"\x18\n\x07KVFrame\x12\r\n\x05\x66rame\x18\x01 \x01(\x0c\"[\n\x07PushAck\x12\x0b\n\x03rid\x18\x01 \x01(\t\x12\x0c\n\x04ntok\x18\x02 \x01(\r\x12\x0e\n\x06\x63hunks\x18\x03 \x01(\x04\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\n\n\x02\x64t\x18\x05 \x01(\t\x12\n\n\x02ms\x18\x06 \x01(\x01\"\x1c\n\rCancelRequest\x12\x0b\n\x03rid\x18\x01 \x01(\t\"(\n\x0b\x43\x61ncelReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\"\x0f\n\rHealthRequest\"U\n\x0bHealthReply\x12\t\n\x01v\x18\x01 \x01(\r\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x0e\n\x06\x61\x63tive\x18\x03 \x01(\r\x12\x10\n\x08reserved\x18\x04 \x01(\r\x12\r\n\x05\x64port\x18\x05 \x01(\r2\x95\x02\n\nKVTransfer\x12I\n\tHandshake\x12\x1e.tandem.kv.v1.HandshakeRequest\x1a\x1c.tandem.kv.v1.HandshakeReply\x12\x38\n\x06PushKV\x12\x15.tandem.kv.v1.KVFrame\x1a\x15.tandem.kv.v1.PushAck(\x01\x12@\n\x06\x43\x61ncel\x12\x1b.tandem.kv.v1.CancelRequest\x1a\x19.tandem.kv.v1.CancelReply\x12@\n\x06Health\x12\x1b.tandem.kv.v1.HealthRequest\x1a\x19.tandem.kv.v1.HealthReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,20 +37,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROPESCALINGENTRY']._serialized_end=257
   _globals['_HANDSHAKEREQUEST']._serialized_start=259
   _globals['_HANDSHAKEREQUEST']._serialized_end=346
-  _globals['_HANDSHAKEREPLY']._serialized_start=348
-  _globals['_HANDSHAKEREPLY']._serialized_end=461
-  _globals['_KVFRAME']._serialized_start=463
-  _globals['_KVFRAME']._serialized_end=487
-  _globals['_PUSHACK']._serialized_start=489
-  _globals['_PUSHACK']._serialized_end=580
-  _globals['_CANCELREQUEST']._serialized_start=582
-  _globals['_CANCELREQUEST']._serialized_end=610
-  _globals['_CANCELREPLY']._serialized_start=612
-  _globals['_CANCELREPLY']._serialized_end=652
-  _globals['_HEALTHREQUEST']._serialized_start=654
-  _globals['_HEALTHREQUEST']._serialized_end=669
-  _globals['_HEALTHREPLY']._serialized_start=671
-  _globals['_HEALTHREPLY']._serialized_end=741
-  _globals['_KVTRANSFER']._serialized_start=744
-  _globals['_KVTRANSFER']._serialized_end=1021
+  _globals['_HANDSHAKEREPLY']._serialized_start=349
+  _globals['_HANDSHAKEREPLY']._serialized_end=477
+  _globals['_KVFRAME']._serialized_start=479
+  _globals['_KVFRAME']._serialized_end=503
+  _globals['_PUSHACK']._serialized_start=505
+  _globals['_PUSHACK']._serialized_end=596
+  _globals['_CANCELREQUEST']._serialized_start=598
+  _globals['_CANCELREQUEST']._serialized_end=626
+  _globals['_CANCELREPLY']._serialized_start=628
+  _globals['_CANCELREPLY']._serialized_end=668
+  _globals['_HEALTHREQUEST']._serialized_start=670
+  _globals['_HEALTHREQUEST']._serialized_end=685
+  _globals['_HEALTHREPLY']._serialized_start=687
+  _globals['_HEALTHREPLY']._serialized_end=772
+  _globals['_KVTRANSFER']._serialized_start=775
+  _globals['_KVTRANSFER']._serialized_end=1052
 # @@protoc_insertion_point(module_scope)

@@ -41,18 +41,20 @@ class HandshakeRequest(_message.Message):
     def __init__(self, v: _Optional[int] = ..., hash: _Optional[str] = ..., layout: _Optional[_Union[KVLayoutSpec, _Mapping]] = ...) -> None: ...
 
 class HandshakeReply(_message.Message):
-    __slots__ = ("v", "ok", "hash", "layout", "dtypes")
+    __slots__ = ("v", "ok", "hash", "layout", "dtypes", "dport")
     V_FIELD_NUMBER: _ClassVar[int]
     OK_FIELD_NUMBER: _ClassVar[int]
     HASH_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     DTYPES_FIELD_NUMBER: _ClassVar[int]
+    DPORT_FIELD_NUMBER: _ClassVar[int]
     v: int
     ok: bool
     hash: str
     layout: KVLayoutSpec
     dtypes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, v: _Optional[int] = ..., ok: _Optional[bool] = ..., hash: _Optional[str] = ..., layout: _Optional[_Union[KVLayoutSpec, _Mapping]] = ..., dtypes: _Optional[_Iterable[str]] = ...) -> None: ...
+    dport: int
+    def __init__(self, v: _Optional[int] = ..., ok: _Optional[bool] = ..., hash: _Optional[str] = ..., layout: _Optional[_Union[KVLayoutSpec, _Mapping]] = ..., dtypes: _Optional[_Iterable[str]] = ..., dport: _Optional[int] = ...) -> None: ...
 
 class KVFrame(_message.Message):
     __slots__ = ("frame",)
@@ -95,13 +97,15 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("v", "ok", "active", "reserved")
+    __slots__ = ("v", "ok", "active", "reserved", "dport")
     V_FIELD_NUMBER: _ClassVar[int]
     OK_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_FIELD_NUMBER: _ClassVar[int]
     RESERVED_FIELD_NUMBER: _ClassVar[int]
+    DPORT_FIELD_NUMBER: _ClassVar[int]
     v: int
     ok: bool
     active: int
     reserved: int
-    def __init__(self, v: _Optional[int] = ..., ok: _Optional[bool] = ..., active: _Optional[int] = ..., reserved: _Optional[int] = ...) -> None: ...
+    dport: int
+    def __init__(self, v: _Optional[int] = ..., ok: _Optional[bool] = ..., active: _Optional[int] = ..., reserved: _Optional[int] = ..., dport: _Optional[int] = ...) -> None: ...
