@@ -38,6 +38,46 @@ MODES = {
 BLOCK_SIZE = 16
 
 
+def unfused_prefill_rope_kv(ops: Any) -> Any:
+    """The engine's prefill before the fused op (kept to compare in the same run): torch RoPE, then the
+    backend's quantize_kv of K and V and an indexed scatter into the cache."""
+    from workers.engine.ops import REFERENCE_OPS, write_kv_raw
+
+    def prefill_rope_kv(qkv, positions, inv_freq, num_heads, caches, slots, kv_dtype):  # type: ignore[no-untyped-def]
+        q, k, v = REFERENCE_OPS.prefill_rope_kv(qkv, positions, inv_freq, num_heads, None, None, kv_dtype)
+        if caches is not None:
+            kq, ks = ops.quantize_kv(k, kv_dtype)
+            vq, vs = ops.quantize_kv(v, kv_dtype)
+            write_kv_raw(*caches, slots, kq, vq, ks, vs)
+        return q, k, v
+
+    return dataclasses.replace(ops, prefill_rope_kv=prefill_rope_kv)
+
+
+def prefill_variants(mode: str, ops: Any) -> list[tuple[str, Any, bool]]:
+    """(name, ops table, lazy rescaling in the FP8 attention) timed for prefill on the same engine: the engine
+    as built; fp8 with bf16 SDPA instead of the FP8 attention; fp8 with the attention's lazy accumulator
+    rescaling (off by default: measured slower); the unfused RoPE + KV write path it had before
+    `prefill_rope_kv`."""
+    out = [(mode, ops, False)]
+    if ops.prefill_attention_fp8 is not None and mode == "fp8":
+        out.append((f"{mode}-sdpa-attn", dataclasses.replace(ops, prefill_attention_fp8=None), False))
+        out.append((f"{mode}-lazy-rescale", ops, True))
+    if ops.backend != "reference":
+        out.append((f"{mode}-unfused-rope", unfused_prefill_rope_kv(ops), False))
+    return out
+
+
+def _set_lazy(lazy: bool) -> bool:
+    """Set the FP8 prefill attention's rescaling mode; returns the previous one."""
+    try:
+        from workers.kernels import prefill_attention as pa
+    except ImportError:  # no triton: nothing to set
+        return lazy
+    old, pa.LAZY_RESCALE = pa.LAZY_RESCALE, lazy
+    return old
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -134,9 +174,10 @@ def time_prefill(engine: Engine, prompt_len: int, reps: int, seed: int) -> dict[
     return dict(prompt=prompt_len, prefill_ms=ms, tokens_per_s=prompt_len / ms * 1e3, reps=reps)
 
 
-def profile_prefill(engine: Engine, prompt_len: int) -> dict[str, float]:
+def profile_prefill(engine: Engine, prompt_len: int, other: dict[str, float] | None = None) -> dict[str, float]:
     """One engine prefill step under torch.profiler: GPU kernel ms by part (workers.kernels.bench_stack.PARTS),
-    plus the step's wall time; wall − kernels = time the GPU waited for the host."""
+    plus the step's wall time; wall − kernels = time the GPU waited for the host. `other` (optional) receives
+    the ms of each kernel counted as "other", by name."""
     from torch.profiler import ProfilerActivity, profile
 
     from workers.kernels.bench_stack import PARTS
@@ -154,6 +195,8 @@ def profile_prefill(engine: Engine, prompt_len: int) -> dict[str, float]:
         name = ev.key.lower()
         part = next((p for p, keys in PARTS if any(k.lower() in name for k in keys)), "other")
         parts[part] = parts.get(part, 0.0) + us / 1e3
+        if part == "other" and other is not None:  # which kernels: by name (first 120 characters)
+            other[ev.key[:120]] = other.get(ev.key[:120], 0.0) + us / 1e3
     parts["total kernels"] = sum(parts.values())
     parts["step wall (profiled)"] = wall
     return parts
@@ -184,33 +227,31 @@ def run_engine_bench(batches: list[int], contexts: list[int], prompts: list[int]
             f"allocated={torch.cuda.memory_allocated() / 2**30:.1f} GiB")
         res.setdefault("engines", {})[mode] = dict(backend=eng.ops.backend, cuda_graphs=eng.uses_cuda_graphs,
                                                    kv_gib=eng.cache.nbytes() / 2**30)
+        ops = eng.model.ops
         for p in prompts:
-            r = time_prefill(eng, p, prefill_reps, seed=p)
-            res["prefill"].append(dict(mode=mode, **r))
-            log(f"[{mode}] prefill {p}: {r['prefill_ms']:.1f} ms")
-            if mode == "fp8" and eng.model.ops.prefill_attention_fp8 is not None:  # the same engine, bf16 SDPA
-                ops = eng.model.ops
-                eng.model.ops = dataclasses.replace(ops, prefill_attention_fp8=None)
+            for name, v_ops, lazy in prefill_variants(mode, ops):
+                eng.model.ops, lazy0 = v_ops, _set_lazy(lazy)
                 try:
                     r = time_prefill(eng, p, prefill_reps, seed=p)
                 finally:
-                    eng.model.ops = ops
-                res["prefill"].append(dict(mode=f"{mode}-sdpa-attn", **r))
-                log(f"[{mode}-sdpa-attn] prefill {p}: {r['prefill_ms']:.1f} ms")
+                    eng.model.ops, _ = ops, _set_lazy(lazy0)
+                res["prefill"].append(dict(mode=name, **r))
+                log(f"[{name}] prefill {p}: {r['prefill_ms']:.1f} ms")
         if profile:
             p = max(prompts)
-            variants = [(mode, eng.model.ops)]
-            if mode == "fp8" and eng.model.ops.prefill_attention_fp8 is not None:
-                variants.append((f"{mode}-sdpa-attn", dataclasses.replace(eng.model.ops, prefill_attention_fp8=None)))
-            ops = eng.model.ops
-            for name, v_ops in variants:
-                eng.model.ops = v_ops
+            for name, v_ops, lazy in prefill_variants(mode, ops):
+                eng.model.ops, lazy0 = v_ops, _set_lazy(lazy)
+                other: dict[str, float] = {}
                 try:
-                    parts = profile_prefill(eng, p)
+                    parts = profile_prefill(eng, p, other)
                 finally:
-                    eng.model.ops = ops
+                    eng.model.ops, _ = ops, _set_lazy(lazy0)
                 res.setdefault("prefill_parts", []).append(dict(mode=name, prompt=p, **parts))
+                top = sorted(other.items(), key=lambda kv: -kv[1])[:8]
+                res.setdefault("prefill_other_kernels", []).append(dict(mode=name, prompt=p, top_ms=top))
                 log(f"[{name}] prefill {p} parts (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
+                log(f"[{name}] prefill {p} 'other' kernels (ms): "
+                    + "; ".join(f"{k[:60]} {v:.2f}" for k, v in top))
         fill_kv_random(eng)
         for b in batches:
             for c in contexts:

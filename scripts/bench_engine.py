@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from workers.kernels import prefill_attention as PA  # noqa: E402
 from workers.kernels.bench_stack import (  # noqa: E402
     Shape,
     Stack,
@@ -74,10 +75,13 @@ def main() -> int:
         torch.cuda.empty_cache()
         stack = Stack(shape, kv_fp8=kw["kv_fp8"], fp8=kw["fp8"], max_tokens=max_tokens, distinct_kv_layers=distinct)
         print(f"[{mode}] {distinct} distinct KV layers of {per_layer / 2**30:.2f} GiB", flush=True)
-        variants = [(mode, True)] + ([("fp8-sdpa-attn", False)] if kw["fp8"] else [])
+        # fp8 mode also without FP8 attention (bf16 SDPA) and with its lazy accumulator rescaling, same run
+        variants = [(mode, True, False)] + ([("fp8-sdpa-attn", False, False), ("fp8-lazy-rescale", True, True)]
+                                            if kw["fp8"] else [])
         for p in prompts:
-            for name, fp8_attn in variants:  # fp8 mode also without FP8 attention (bf16 SDPA), same run
+            for name, fp8_attn, lazy in variants:
                 stack.fp8_attn = fp8_attn and kw["fp8"]
+                PA.LAZY_RESCALE = lazy
                 ms = time_prefill_ms(stack, p, reps=args.prefill_reps)
                 res["prefill"].append(dict(mode=name, prompt=p, prefill_ms=ms, tokens_per_s=p / ms * 1e3))
                 print(f"[{name}] prefill {p}: {ms:.1f} ms", flush=True)
@@ -87,6 +91,7 @@ def main() -> int:
                     print(f"[{name}] prefill {p} parts (ms): "
                           + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()), flush=True)
         stack.fp8_attn = kw["fp8"]
+        PA.LAZY_RESCALE = False
         for b in batches:
             for c in contexts:
                 ms = time_decode_step_ms(stack, b, c)
@@ -106,6 +111,10 @@ def main() -> int:
             rows.append(dict(what=f"prefill {p} tokens, fp8 linears + bf16 SDPA / bf16 time",
                              ratio=pre[("fp8-sdpa-attn", p)] / pre[("bf16", p)], bf16=pre[("bf16", p)],
                              fp8=pre[("fp8-sdpa-attn", p)]))
+        if ("fp8-lazy-rescale", p) in pre:
+            rows.append(dict(what=f"prefill {p} tokens, fp8 with lazy attention rescaling / bf16 time",
+                             ratio=pre[("fp8-lazy-rescale", p)] / pre[("bf16", p)], bf16=pre[("bf16", p)],
+                             fp8=pre[("fp8-lazy-rescale", p)]))
     for b in batches:
         for c in contexts:
             rows.append(dict(what=f"decode B={b} ctx={c}, fp8/bf16 tok/s", ratio=dec[("fp8", b, c)] / dec[("bf16", b, c)],
@@ -134,6 +143,13 @@ def engine_main(args: argparse.Namespace, batches: list[int], contexts: list[int
     rows += [dict(what=f"prefill {p} tokens, fp8 linears + bf16 SDPA / bf16 time", bf16=pre[("bf16", p)],
                   ratio=pre[("fp8-sdpa-attn", p)] / pre[("bf16", p)], fp8=pre[("fp8-sdpa-attn", p)])
              for p in prompts if ("fp8-sdpa-attn", p) in pre]
+    rows += [dict(what=f"prefill {p} tokens, fp8 with lazy attention rescaling / bf16 time", bf16=pre[("bf16", p)],
+                  ratio=pre[("fp8-lazy-rescale", p)] / pre[("bf16", p)], fp8=pre[("fp8-lazy-rescale", p)])
+             for p in prompts if ("fp8-lazy-rescale", p) in pre]
+    rows += [dict(what=f"prefill {p} tokens, unfused RoPE + KV write (before), fp8/bf16 time",
+                  ratio=pre[("fp8-unfused-rope", p)] / pre[("bf16-unfused-rope", p)],
+                  bf16=pre[("bf16-unfused-rope", p)], fp8=pre[("fp8-unfused-rope", p)])
+             for p in prompts if ("fp8-unfused-rope", p) in pre and ("bf16-unfused-rope", p) in pre]
     for b in batches:
         for c in contexts:
             if ("fp8", b, c) in dec and ("bf16", b, c) in dec:

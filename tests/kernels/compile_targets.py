@@ -72,8 +72,10 @@ def specs():
             "cu_ptr": i32, "pcu_ptr": i32, "k_desc": kd, "vt_desc": vd, "T": "i32", "qk_scale": "fp32",
             **{n: "i32" for n in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vh", "stride_vd",
                                   "stride_ksh", "stride_ot", "stride_oh")},
-        }, {"GROUP": 4, "D": 128, "BLOCK_M": 64, "BLOCK_N": 64, "SB": 64, "VARLEN": tma, "SHIFT": 8.0,
-            "USE_TMA": tma, "PIPE": tma, "FP8_MAX": 448.0, "AMAX_MIN": 1e-12}
+        }, {"GROUP": 4, "D": 128, "BLOCK_M": 64, "BLOCK_N": 64, "SB": 64, "VARLEN": tma,
+            # TMA: the production path (lazy rescaling); pointers: eager rescaling with QKᵀ issued ahead
+            "SHIFT": 5.0 if tma else 8.0, "USE_TMA": tma, "PIPE": not tma, "FP8_MAX": 448.0, "AMAX_MIN": 1e-12,
+            "LAZY": tma, "TAU": 3.0}
     yield "fp8_gemm", gemm._gemm_kernel, {
         "a_ptr": f8, "as_ptr": f32, "w_ptr": f8, "ws_ptr": f32, "c_ptr": bf,
         **{n: "i32" for n in ("M", "N", "K", "stride_am", "stride_wn", "stride_cm")},

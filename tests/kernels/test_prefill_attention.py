@@ -56,6 +56,26 @@ def test_single_sequence_matches_reference(dev, T, tma, gen):
 
 
 @pytest.mark.parametrize("dev", DEVICES)
+@pytest.mark.parametrize("lazy", [True, False], ids=["lazy-rescale", "eager-rescale"])
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma+pipe"])
+def test_growing_logits_and_v_scales_both_rescale_modes(dev, lazy, tma, gen, monkeypatch):
+    """Keys and values whose magnitude grows along the sequence: every row's max keeps rising past LAZY_TAU and
+    the V block scales differ, so the lazy path must rescale mid-sequence (and fold the V scales) correctly;
+    the eager path (and PIPE, which only it has) stays tested too."""
+    monkeypatch.setattr(PA, "LAZY_RESCALE", lazy)
+    shape, tiles = _case(dev, tma)
+    T = 150 if dev == "cpu" else 3000
+    q, k, v = _qkv(T, shape["Hq"], shape["Hkv"], shape["D"], gen, dev)
+    ramp = torch.linspace(0.2, 3.0, T, device=dev)[:, None, None]
+    k, v = (k.float() * ramp).to(k.dtype), (v.float() * ramp * ramp).to(v.dtype)
+    sm = shape["D"] ** -0.5
+    out = prefill_attention_fp8(q, k, v, sm, **tiles)
+    ref8 = R.prefill_attention_fp8_ref(q, k, v, sm, scale_block=tiles.get("sb", 128))
+    assert torch.isfinite(out.float()).all()
+    assert rel_err(out, ref8) < 0.03, rel_err(out, ref8)
+
+
+@pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma+pipe"])
 def test_packed_sequences_and_empty_one(dev, tma, gen):
     shape, tiles = _case(dev, tma)

@@ -31,7 +31,7 @@ from workers.engine.kv_cache import PagedKVCache, blocks_for
 from workers.engine.kv_import import KVImportMixin
 from workers.engine.loader import load_model
 from workers.engine.model import LlamaModel
-from workers.engine.ops import get_ops, write_kv_raw
+from workers.engine.ops import get_ops
 from workers.engine.sampling import sample_token
 from workers.engine.sequence import SeqState, Sequence
 from workers.kv_payload import KVLayout
@@ -263,14 +263,9 @@ class Engine(KVImportMixin):
         (seq,) = seqs
         ids = torch.tensor(seq.prompt, dtype=torch.int64, device=self.device)
         slots = self.cache.slots(seq.blocks, 0, len(seq.prompt)).to(self.device)
-
-        def write(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-            # the same quantizer as prefill_export, so colocated and exported KV are identical bytes
-            kq, k_s = self.ops.quantize_kv(k, self.kv_dtype)
-            vq, v_s = self.ops.quantize_kv(v, self.kv_dtype)
-            write_kv_raw(*self.cache.layer(layer), slots, kq, vq, k_s, v_s)
-
-        logits = self.model.prefill(ids, write)
+        # RoPE writes each layer's K/V into the cache itself (ops.prefill_rope_kv: the same bytes that
+        # prefill_export's quantize_kv hands out, so colocated and exported KV are identical)
+        logits = self.model.prefill(ids, None, cache=self.cache, slots=slots)
         seq.num_cached = len(seq.prompt)
         seq.state = SeqState.RUNNING
         self._running.append(seq.request_id)

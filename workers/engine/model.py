@@ -1,9 +1,9 @@
 """The Llama-family decoder (Llama 3.x, Qwen2, Mistral-compatible): weights, linear modes, forward passes.
 
 Two forward passes share every layer:
-- `prefill(token_ids)`: one sequence from position 0; each layer's K/V [T, Hk, D] goes to a callback the
-  moment it exists (the engine writes it into the paged cache, or streams it out for disaggregation);
-  attention reads the exact K/V of the chunk.
+- `prefill(token_ids)`: one sequence from position 0; each layer's K/V [T, Hk, D] is written into the
+  paged cache by the RoPE op itself when a cache is given (colocated) and/or goes to a callback the moment
+  it exists (streamed out for disaggregation); attention reads the exact K/V of the chunk.
 - `decode(...)`: one token per sequence for a batch; K/V is written into the paged cache first and
   attention reads the whole context back from the cache (dequantized when FP8).
 Logits come out in float32; the LM head runs in the compute dtype (never FP8).
@@ -20,7 +20,7 @@ import torch
 
 from orchestrator.core.types import FP8Format, KVDtype, LinearMode, Rounding
 from workers.engine import fp8 as fp8q
-from workers.engine.ops import Ops, apply_rope
+from workers.engine.ops import Ops
 
 
 @dataclass(frozen=True)
@@ -232,15 +232,6 @@ class LlamaModel:
         y, s, x = self._norm_in(x, pending, layer.input_norm, layer.qkv)
         return self._apply(layer.qkv, y, s, positions), x
 
-    def _split_rope(self, out: torch.Tensor, positions: torch.Tensor):  # type: ignore[no-untyped-def]
-        c = self.cfg
-        nq, nk = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        q = out[:, :nq].reshape(-1, c.num_heads, c.head_dim)
-        k = out[:, nq : nq + nk].reshape(-1, c.num_kv_heads, c.head_dim)
-        v = out[:, nq + nk :].reshape(-1, c.num_kv_heads, c.head_dim)
-        q, k = apply_rope(q, k, positions, self.inv_freq)
-        return q, k, v.contiguous()
-
     def _mlp(
         self, layer: _Layer, x: torch.Tensor, attn: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,14 +257,30 @@ class LlamaModel:
 
     # ---- forward passes ------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, token_ids: torch.Tensor, on_kv: KVCallback | None, all_logits: bool = False) -> torch.Tensor:
-        """token_ids [T] from position 0 → logits [V] of the last token (or [T, V] with all_logits)."""
+    def prefill(
+        self,
+        token_ids: torch.Tensor,
+        on_kv: KVCallback | None,
+        all_logits: bool = False,
+        cache: Any = None,
+        slots: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """token_ids [T] from position 0 → logits [V] of the last token (or [T, V] with all_logits).
+
+        cache/slots (optional, together): each layer's K/V is written into the paged cache at `slots` [T] by
+        the RoPE op itself (`ops.prefill_rope_kv`: one launch on a kernel backend), stored exactly as
+        `ops.quantize_kv` of the K/V handed to `on_kv` would be, so colocated and exported KV are identical."""
+        if (cache is None) != (slots is None):
+            raise ValueError("prefill: give both cache and slots, or neither")
         positions = torch.arange(token_ids.shape[0], device=token_ids.device)
         x = self.embed[token_ids]
         pending: torch.Tensor | None = None
         for i, layer in enumerate(self.layers):
             out, x = self._qkv_out(layer, x, pending, positions)
-            q, k, v = self._split_rope(out, positions)
+            caches = None if cache is None else cache.layer(i)
+            kv_dtype = None if cache is None else cache.kv_dtype
+            q, k, v = self.ops.prefill_rope_kv(out, positions, self.inv_freq, self.cfg.num_heads, caches, slots,
+                                               kv_dtype)
             if on_kv is not None:
                 on_kv(i, k, v)
             # FP8 linear modes take the backend's FP8 prefill attention when it has one (workers/kernels)

@@ -38,6 +38,13 @@ Signatures (shapes in comments; T tokens, H query heads, Hk KV heads, D head dim
                   k_cache, v_cache, k_scale | None, v_scale | None, kv_dtype) -> q [T, H, D]
         (decode: RoPE on q and k of the fused QKV output, then k/v written as kv_write does; one launch in
         a kernel backend. Slot -1 = skip the token: backends must honour it, the reference needs slots >= 0)
+    prefill_rope_kv(qkv [T, (H + 2Hk)·D], positions [T], inv_freq [D/2] float32, num_heads,
+                    caches (k_cache, v_cache, k_scale | None, v_scale | None) | None, slots [T] int64 | None,
+                    kv_dtype) -> (q [T, H, D], k [T, Hk, D], v [T, Hk, D])
+        (prefill: RoPE on q and k, returned in qkv's dtype with v (contiguous); with `caches`, k/v are also
+        written at `slots` (>= 0) exactly as `quantize_kv(k)`, `quantize_kv(v)` of the returned k, v would
+        store them, so a colocated prefill and a KV export of the same prompt hold identical bytes; one launch
+        in a kernel backend)
 
 A backend registered with `graph_safe=True` promises that its decode ops (all of the above that decode
 uses) make no host synchronisation, honour slot -1 and accept int32 index tensors (token ids, positions,
@@ -118,6 +125,31 @@ def rope_kv_write(
     q, k = apply_rope(q, k, positions, inv_freq)
     kv_write(k_cache, v_cache, k_scale, v_scale, slots, k, v.contiguous(), kv_dtype)
     return q
+
+
+def prefill_rope_kv(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    num_heads: int,
+    caches: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None,
+    slots: torch.Tensor | None,
+    kv_dtype: KVDtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prefill RoPE (+ the K/V cache write when `caches` is given); see the module docstring."""
+    d = inv_freq.shape[0] * 2
+    hk = (qkv.shape[1] // d - num_heads) // 2
+    nq, nk = num_heads * d, hk * d
+    q = qkv[:, :nq].reshape(-1, num_heads, d)
+    k = qkv[:, nq : nq + nk].reshape(-1, hk, d)
+    v = qkv[:, nq + nk :].reshape(-1, hk, d).contiguous()
+    q, k = apply_rope(q, k, positions, inv_freq)
+    if caches is not None:
+        assert slots is not None, "a prefill cache write needs slots"
+        kq, ks = fp8q.quantize_kv(k, kv_dtype)
+        vq, vs = fp8q.quantize_kv(v, kv_dtype)
+        write_kv_raw(*caches, slots, kq, vq, ks, vs)
+    return q, k, v
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -286,6 +318,7 @@ class Ops:
     add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     add_rms_norm_quant: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     rope_kv_write: Callable[..., torch.Tensor]
+    prefill_rope_kv: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     prefill_attention_fp8: Callable[..., torch.Tensor] | None = None  # see the module docstring
     graph_safe: bool = False  # decode may be captured in CUDA graphs (see the module docstring)
 
@@ -305,6 +338,7 @@ REFERENCE_OPS = Ops(
     add_rms_norm=add_rms_norm,
     add_rms_norm_quant=add_rms_norm_quant,
     rope_kv_write=rope_kv_write,
+    prefill_rope_kv=prefill_rope_kv,
 )
 OP_NAMES = tuple(f.name for f in fields(Ops) if f.name not in ("backend", "graph_safe"))
 

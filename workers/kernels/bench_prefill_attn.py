@@ -81,23 +81,31 @@ def bench_prefill_attention(sweep: bool = True, lengths: tuple[int, ...] = (1024
         kv8 = PA.quantize_kv_for_attention(k, v, sb=PA.SCALE_BLOCK)
         row("fp8 quantize k/v (ours)", time_ms(lambda: PA.quantize_kv_for_attention(k, v, sb=PA.SCALE_BLOCK)))
         best = None
-        for cfg in (SWEEP if sweep else [PA.FWD_CONFIG]):
-            out = torch.full_like(q, float("nan"))
-            try:
-                PA.attention_fp8_quantized(q, kv8, out, sm, None, T, cfg)
-                ms = time_ms(lambda: PA.attention_fp8_quantized(q, kv8, out, sm, None, T, cfg), rep_ms=200)
-            except Exception as exc:  # e.g. out of shared memory for this tile/stage count
-                row(f"fp8 attention kernel {cfg}", None, error=f"{type(exc).__name__}: {str(exc)[:120]}")
-                continue
-            row(f"fp8 attention kernel (q quantized inside) {cfg}", ms, out, config=list(cfg))
-            if best is None or ms < best[0]:
-                best = (ms, cfg)
-        if best is not None:
-            cfg = best[1]
-            out = PA.prefill_attention_fp8(q, k, v, sm, config=cfg)
-            row(f"fp8 total: quantize + kernel {cfg}", time_ms(lambda: PA.prefill_attention_fp8(q, k, v, sm,
-                                                                                               config=cfg), rep_ms=200),
-                out, config=list(cfg), best=True)
+        lazy0 = PA.LAZY_RESCALE
+        try:
+            for cfg in (SWEEP if sweep else [PA.FWD_CONFIG]):
+                for lazy in (True, False):  # lazy vs per-tile accumulator rescaling, same config, same run
+                    PA.LAZY_RESCALE = lazy
+                    tag = f"{cfg} {'lazy' if lazy else 'eager'} rescale"
+                    out = torch.full_like(q, float("nan"))
+                    try:
+                        PA.attention_fp8_quantized(q, kv8, out, sm, None, T, cfg)
+                        ms = time_ms(lambda: PA.attention_fp8_quantized(q, kv8, out, sm, None, T, cfg), rep_ms=200)
+                    except Exception as exc:  # e.g. out of shared memory for this tile/stage count
+                        row(f"fp8 attention kernel {tag}", None, error=f"{type(exc).__name__}: {str(exc)[:120]}")
+                        continue
+                    row(f"fp8 attention kernel (q quantized inside) {tag}", ms, out, config=list(cfg), lazy=lazy)
+                    if best is None or ms < best[0]:
+                        best = (ms, cfg, lazy)
+            if best is not None:
+                _, cfg, lazy = best
+                PA.LAZY_RESCALE = lazy
+                out = PA.prefill_attention_fp8(q, k, v, sm, config=cfg)
+                ms = time_ms(lambda: PA.prefill_attention_fp8(q, k, v, sm, config=cfg), rep_ms=200)
+                row(f"fp8 total: quantize + kernel {cfg} {'lazy' if lazy else 'eager'} rescale", ms, out,
+                    config=list(cfg), lazy=lazy, best=True)
+        finally:
+            PA.LAZY_RESCALE = lazy0
         torch.cuda.empty_cache()
     return rows
 

@@ -7,7 +7,8 @@ reference: `prefill_attention` (torch SDPA is already a flash kernel on CUDA; bf
 (FP8 Q/K/V/P, fp32 softmax) where the shape fits it (bf16/fp16, head_dim 32..256) and the prompt has at least
 `prefill_attention.MIN_TOKENS` tokens (shorter ones run faster in SDPA), else the reference. `rope_kv_write` (RoPE + K/V
 quantize-and-write in one launch) and the residual-fused norms (`add_rms_norm`, `add_rms_norm_quant`) fill
-the seam's decode slots. Registered `graph_safe`: none of these adapters synchronises with the host (the
+the seam's decode slots; `prefill_rope_kv` is the same launch for prefill (k also to a buffer for the
+attention, the cache written only for a colocated prefill). Registered `graph_safe`: none of these adapters synchronises with the host (the
 attention bounds lengths by the block table's width) and the KV writes skip slot -1, so the engine captures
 decode steps in CUDA graphs.
 
@@ -77,6 +78,28 @@ def rope_kv_write(qkv, positions, inv_freq, num_heads, slots, k_cache, v_cache, 
     return _rope_kv_write(qkv, positions, inv_freq.float(), num_heads, slots, k_cache, v_cache, k_scale, v_scale)
 
 
+def prefill_rope_kv(qkv, positions, inv_freq, num_heads, caches, slots, kv_dtype):  # type: ignore[no-untyped-def]
+    """Engine signature → one `rope_kv_write` launch: q rotated, k rotated into a [T, Hk, D] buffer (k_out) and,
+    with `caches`, K/V quantized into the cache at `slots`. The kernel rounds k to the activation dtype before
+    quantizing, so the cache holds exactly `quantize_kv(k)`, `quantize_kv(v)` (this module's, one launch each)
+    of the k, v returned: the export path (which quantizes what it is handed) stores identical bytes.
+    Without caches (export, logits only) the writes are skipped (slot -1) into a one-slot dummy cache.
+    Head dims the kernel does not take, or a strided qkv, use the reference op."""
+    d = inv_freq.shape[0] * 2
+    hk = (qkv.shape[1] // d - num_heads) // 2
+    if d % 2 or d & (d - 1) or qkv.stride(-1) != 1 or qkv.dim() != 2:
+        return _ops.prefill_rope_kv(qkv, positions, inv_freq, num_heads, caches, slots, kv_dtype)
+    T = qkv.shape[0]
+    k_out = torch.empty(T, hk, d, dtype=qkv.dtype, device=qkv.device)
+    if caches is None:
+        dummy = torch.empty(1, 1, hk, d, dtype=qkv.dtype, device=qkv.device)
+        caches, slots = (dummy, dummy, None, None), torch.full((T,), -1, dtype=torch.int64, device=qkv.device)
+    kc, vc, ks, vs = caches
+    q = _rope_kv_write(qkv, positions, inv_freq.float(), num_heads, slots, kc, vc, ks, vs, k_out=k_out)
+    v = qkv[:, (num_heads + hk) * d:].reshape(T, hk, d).contiguous()
+    return q, k_out, v
+
+
 def quantize_kv(x: torch.Tensor, kv_dtype: KVDtype):  # type: ignore[no-untyped-def]
     """Prefill KV [T, Hk, D] → (fp8 [T, Hk, D], scales [T, Hk]) in one launch; bf16 KV is a plain cast."""
     kv_dtype = KVDtype(kv_dtype)
@@ -132,6 +155,7 @@ IMPLS = {
     "add_rms_norm": add_rms_norm,
     "add_rms_norm_quant": add_rms_norm_quant,
     "rope_kv_write": rope_kv_write,
+    "prefill_rope_kv": prefill_rope_kv,
     "quantize_kv": quantize_kv,
     "prefill_attention_fp8": prefill_attention_fp8,
 }

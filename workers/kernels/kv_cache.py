@@ -140,6 +140,10 @@ def _rope_kv_write_kernel(
     k_base = row + HQ * D + hk[:, None] * D + d[None, :]
     k1, k2 = _rope_half(tl.load(k_base, mask=mk, other=0.0).to(tl.float32),
                         tl.load(k_base + HALF, mask=mk, other=0.0).to(tl.float32), cos, sin)
+    # round the rotated k to the activation dtype first: the cache then holds exactly what a per-token
+    # quantization of k_out would store (colocated prefill and KV export give identical bytes)
+    k1 = k1.to(qkv_ptr.dtype.element_ty).to(tl.float32)
+    k2 = k2.to(qkv_ptr.dtype.element_ty).to(tl.float32)
     if STORE_K:  # the rotated k in the activation dtype, for a prefill attention that reads K unquantized
         ko = k_out_ptr + t * stride_kt + hk[:, None] * stride_kh + d[None, :]
         tl.store(ko, k1.to(k_out_ptr.dtype.element_ty), mask=mk)
@@ -185,8 +189,10 @@ def rope_kv_write(
 
     qkv [T, (Hq + 2·Hkv)·D] (q heads, then k heads, then v heads; row-contiguous), positions [T] int,
     inv_freq [D/2] float32 (the model's frequencies, any RoPE scaling already applied). Returns q [T, Hq, D]
-    rotated, in qkv.dtype; the caches are written as kv_write does (see reference.rope_kv_write_ref).
-    k_out [T, Hkv, D] (optional) also receives the rotated k unquantized (prefill attention reads it).
+    rotated, in qkv.dtype; the caches are written as kv_write does (see reference.rope_kv_write_ref) from
+    the rotated k rounded to qkv.dtype. k_out [T, Hkv, D] (optional, qkv.dtype) also receives that rotated
+    k unquantized (prefill attention reads it); the cached K is then bit-identical to
+    `quant.quantize_per_token(k_out)`.
     """
     check(qkv.dim() == 2 and qkv.stride(1) == 1, f"qkv must be [T, (Hq+2Hkv)*D] row-contiguous, got {tuple(qkv.shape)}")
     T = qkv.shape[0]

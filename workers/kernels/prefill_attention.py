@@ -47,6 +47,12 @@ P_SHIFT = 8.0  # P is stored as exp2(... + 8) ≤ 256 < 448: FP8 range used down
 # both tiles.
 FWD_CONFIG = (64, 64, 4, 3, True, False)
 SCALE_BLOCK = 128
+# Lazy rescaling (`_softmax_pv_lazy`): the running max is raised only when a tile's max exceeds it by more than
+# LAZY_TAU (log2 units), and P's fixed scale drops to 2^(8 − LAZY_TAU) so that P ≤ 2^8 still fits E4M3.
+# Measured slower on the H100 (8192 tokens: 1.144 ms vs 0.894 ms eager, same run; NOTES.md), so off by default.
+# A module switch (read at each call) so the benchmarks can compare both in one run.
+LAZY_RESCALE = False
+LAZY_TAU = 3.0
 # Below this many tokens bf16 SDPA (cuDNN) measured as fast or faster on the H100 (4096 tokens: 1.05x its time,
 # 8192: 0.92x; our two launches also cost ~170 us of host time vs ~33 us): callers that choose per prompt (the
 # engine adapter, the 8B bench stack) use SDPA below it. NOTES.md has the figures.
@@ -135,13 +141,44 @@ def _softmax_pv(s, acc, l_i, m_i, vs_prev, q_row, vt_ptrs, vt_desc, row0, kv_d0,
 
 
 @triton.jit
+def _softmax_pv_lazy(s, acc, l_i, m_i, q_row, vt_ptrs, vt_desc, row0, kv_d0, ks_ptr, vs_ptr, start_n,
+                     offs_m, offs_n, MASKED: tl.constexpr, SB: tl.constexpr, SHIFT: tl.constexpr,
+                     TAU: tl.constexpr, USE_TMA: tl.constexpr):
+    """`_softmax_pv` with lazy rescaling: the V scale is a per-tile bias of the exponent (P ∝ w · s_v, and the
+    row sum adds ΣP / s_v), so acc needs no per-tile V rescale; the running max m (of logit + log2 s_v) is only
+    raised — and acc, l rescaled, for the whole tile at once — when some row's tile max exceeds it by more
+    than TAU. A stale max lets P reach 2^(SHIFT + TAU), which the caller keeps ≤ 2^8 < 448."""
+    r = q_row * tl.load(ks_ptr + start_n // SB)  # [BLOCK_M]: q scale · k scale · sm_scale · log2(e)
+    vs = tl.load(vs_ptr + start_n // SB)
+    bv = tl.math.log2(vs)
+    if MASKED:
+        causal = offs_m[:, None] >= (start_n + offs_n)[None, :]
+        s = tl.where(causal, s, float("-inf"))
+    m_tile = tl.max(s, axis=1) * r + bv
+    if tl.sum((m_tile > m_i + TAU).to(tl.int32), axis=0) > 0:  # rare after the first tiles
+        m_new = tl.maximum(m_i, m_tile)
+        alpha = tl.math.exp2(m_i - m_new)
+        acc = acc * alpha[:, None]
+        l_i = l_i * alpha
+        m_i = m_new
+    p = tl.math.exp2(s * r[:, None] - (m_i - SHIFT - bv)[:, None])
+    l_i = l_i + tl.sum(p, axis=1) * (1.0 / vs)
+    if USE_TMA:
+        vt = vt_desc.load([kv_d0, row0 + start_n])  # [D, BLOCK_N] fp8 (tokens contiguous)
+    else:
+        vt = tl.load(vt_ptrs + start_n)
+    acc = tl.dot(p.to(vt.dtype), tl.trans(vt), acc)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, vt_ptr, ks_ptr, vs_ptr, out_ptr, cu_ptr, pcu_ptr, k_desc, vt_desc,
     T, qk_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vh, stride_vd, stride_ksh, stride_ot, stride_oh,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SB: tl.constexpr,
     VARLEN: tl.constexpr, SHIFT: tl.constexpr, USE_TMA: tl.constexpr, PIPE: tl.constexpr,
-    FP8_MAX: tl.constexpr, AMAX_MIN: tl.constexpr,
+    FP8_MAX: tl.constexpr, AMAX_MIN: tl.constexpr, LAZY: tl.constexpr, TAU: tl.constexpr,
 ):
     # Longest query tiles first: program 0 takes the last tile (most keys), so the tail of the grid is short.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -179,7 +216,12 @@ def _attn_fwd_kernel(
         kx = k_desc if USE_TMA else stride_kt  # what _qk needs to address a key tile
         kvd = kvh * D
         diag0 = start_m // BLOCK_N * BLOCK_N  # first key tile that reaches the diagonal (BLOCK_N may exceed BLOCK_M)
-        if PIPE:  # the next tile's QKᵀ is issued before this tile's softmax (overlap on the tensor cores)
+        if LAZY:  # lazy rescaling (see _softmax_pv_lazy); no PIPE variant
+            for start_n in range(0, diag0, BLOCK_N):
+                s = _qk(q, k_ptrs, kx, row0, kvd, start_n, USE_TMA)
+                acc, l_i, m_i = _softmax_pv_lazy(s, acc, l_i, m_i, q_row, vt_ptrs, vt_desc, row0, kvd, ks_row,
+                                                 vs_row, start_n, offs_m, offs_n, False, SB, SHIFT, TAU, USE_TMA)
+        elif PIPE:  # the next tile's QKᵀ is issued before this tile's softmax (overlap on the tensor cores)
             if diag0 > 0:
                 s = _qk(q, k_ptrs, kx, row0, kvd, 0, USE_TMA)
                 for start_n in range(0, diag0 - BLOCK_N, BLOCK_N):
@@ -200,9 +242,17 @@ def _attn_fwd_kernel(
         hi = tl.minimum(start_m + BLOCK_M, seq_len)
         for start_n in range(diag0, hi, BLOCK_N):  # tiles that cross the diagonal: causal mask
             s = _qk(q, k_ptrs, kx, row0, kvd, start_n, USE_TMA)
-            acc, l_i, m_i, vs_prev = _softmax_pv(s, acc, l_i, m_i, vs_prev, q_row, vt_ptrs, vt_desc, row0, kvd,
-                                                 ks_row, vs_row, start_n, offs_m, offs_n, True, SB, SHIFT, USE_TMA)
-        o = acc * (vs_prev / l_i)[:, None]
+            if LAZY:
+                acc, l_i, m_i = _softmax_pv_lazy(s, acc, l_i, m_i, q_row, vt_ptrs, vt_desc, row0, kvd, ks_row,
+                                                 vs_row, start_n, offs_m, offs_n, True, SB, SHIFT, TAU, USE_TMA)
+            else:
+                acc, l_i, m_i, vs_prev = _softmax_pv(s, acc, l_i, m_i, vs_prev, q_row, vt_ptrs, vt_desc, row0,
+                                                     kvd, ks_row, vs_row, start_n, offs_m, offs_n, True, SB,
+                                                     SHIFT, USE_TMA)
+        if LAZY:
+            o = acc / l_i[:, None]
+        else:
+            o = acc * (vs_prev / l_i)[:, None]
         tl.store(out_ptr + (s0 + offs_m.to(tl.int64))[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=(offs_m < seq_len)[:, None])
 
@@ -317,7 +367,8 @@ def attention_fp8_quantized(
         q.stride(0), q.stride(1), kv.k8.stride(0), kv.k8.stride(1), kv.vt8.stride(0), kv.vt8.stride(1),
         kv.k_scale.stride(0), out.stride(0), out.stride(1),
         GROUP=Hq // Hkv, D=D, BLOCK_M=block_m, BLOCK_N=block_n, SB=kv.sb, VARLEN=cu_seqlens is not None,
-        SHIFT=P_SHIFT, USE_TMA=use_tma, PIPE=pipe, FP8_MAX=FP8_MAX[fp8_dtype], AMAX_MIN=AMAX_FLOOR,
+        SHIFT=P_SHIFT - LAZY_TAU if LAZY_RESCALE else P_SHIFT, USE_TMA=use_tma, PIPE=pipe and not LAZY_RESCALE,
+        FP8_MAX=FP8_MAX[fp8_dtype], AMAX_MIN=AMAX_FLOOR, LAZY=LAZY_RESCALE, TAU=LAZY_TAU,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -168,12 +168,13 @@ def rope_kv_write_ref(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """RoPE on q and k of qkv [T, (Hq+2Hkv)·D], K/V written as kv_write_ref does (from float32 values)."""
+    """RoPE on q and k of qkv [T, (Hq+2Hkv)·D], K/V written as kv_write_ref does (k rotated in float32, then
+    rounded to qkv's dtype before quantization; v as given)."""
     T = qkv.shape[0]
     Hkv, D = k_cache.shape[2], k_cache.shape[3]
     q, k, v = qkv.float().split([num_heads * D, Hkv * D, Hkv * D], dim=-1)
     q = rope_ref(q.reshape(T, num_heads, D), positions, inv_freq)
-    k = rope_ref(k.reshape(T, Hkv, D), positions, inv_freq)
+    k = rope_ref(k.reshape(T, Hkv, D), positions, inv_freq).to(qkv.dtype).float()  # the kernel rounds k too
     kv_write_ref(k, v.reshape(T, Hkv, D), slot_mapping, k_cache, v_cache, k_scale, v_scale)
     return q.to(qkv.dtype)
 
