@@ -211,21 +211,23 @@ class _Reserver:
                 raise RuntimeError("bench receiver failed to reserve")
 
 
-def _raw_tcp_once(port: int, sections: list[memoryview], num_layers: int, streams: int) -> float:
-    """Seconds to push num_layers x sections over `streams` loopback sockets, receiver acks at the end."""
-    total = num_layers * sum(len(s) for s in sections)
+def _raw_tcp_once(port: int, sections: list[memoryview], num_layers: int, streams: int, conns: int = 1) -> float:
+    """Seconds to push num_layers x sections over `streams` loopback sockets, receiver acks at the end.
+    conns > 1 (one stream): the layers are dealt round-robin over that many sockets, as the data plane
+    stripes one transfer, so a striped KV transfer is compared with a raw transfer of as many sockets."""
 
-    def send_one() -> None:
+    def send_one(layers: int) -> None:
         with socket.create_connection(("127.0.0.1", port)) as s:
-            s.sendall(struct.pack(">Q", total))
-            for _ in range(num_layers):
+            s.sendall(struct.pack(">Q", layers * sum(len(x) for x in sections)))
+            for _ in range(layers):
                 for sec in sections:
                     s.sendall(sec)
             if s.recv(1) != b"k":
                 raise ConnectionError("raw socket: no ack")
 
+    shares = [num_layers] * streams if conns <= 1 else [len(range(k, num_layers, conns)) for k in range(conns)]
     t0 = time.perf_counter()
-    senders = [threading.Thread(target=send_one) for _ in range(streams)]
+    senders = [threading.Thread(target=send_one, args=(n,)) for n in shares]
     for t in senders:
         t.start()
     for t in senders:
@@ -372,7 +374,9 @@ def _point(server, clients, raw_port, bare_channel, pids, shape, layout, kv_dtyp
         _grpc_once(server, client, layout, payload, kv_dtype, n, 1, chunk_bytes, f"warm-{n}-{t}")
     kv_times: dict[int, list[float]] = {t: [] for t in clients}
     r_times, b_times = [], []
-    kinds = [*(transport_label(t) for t in clients), "raw_tcp", "bare_grpc"]
+    wide = sorted({t for t in clients if t > 1}) if streams == 1 else []  # raw over as many sockets
+    wide_times: dict[int, list[float]] = {t: [] for t in wide}
+    kinds = [*(transport_label(t) for t in clients), "raw_tcp", "bare_grpc", *(f"raw_tcp/{t}" for t in wide)]
     cpu = {k: [0.0, 0.0] for k in kinds}  # [sender s, receiver s] summed over runs
 
     def timed(kind: str, rx_pid: int, fn, *a):
@@ -390,6 +394,9 @@ def _point(server, clients, raw_port, bare_channel, pids, shape, layout, kv_dtyp
                 raise RuntimeError(f"{transport_label(t)} moved {moved} bytes, expected {nbytes}")
             kv_times[t].append(dt)
         r_times.append(timed("raw_tcp", pids[1], _raw_tcp_once, raw_port, sections, shape.num_layers, streams))
+        for t in wide:
+            wide_times[t].append(timed(f"raw_tcp/{t}", pids[1], _raw_tcp_once, raw_port, sections,
+                                       shape.num_layers, 1, t))
         if streams == 1:
             b_times.append(timed("bare_grpc", pids[0], bare_grpc_once, bare_channel, bare_frames, shape.num_layers))
     r_s = statistics.median(r_times)
@@ -414,6 +421,10 @@ def _point(server, clients, raw_port, bare_channel, pids, shape, layout, kv_dtyp
                "kv_over_raw": r_s / g_s, "kv_over_raw_paired": statistics.median([a / b for a, b in zip(r_times, g, strict=True)]),
                "kv_runs_s": g, "kv_sender_cpu_s_per_gb": cpu[label][0] / gb,
                "kv_receiver_cpu_s_per_gb": cpu[label][1] / gb}
+        same = wide_times.get(t, r_times)  # raw TCP over the same number of sockets as this transport
+        row.update({"raw_tcp_same_conns_gbps": nbytes / statistics.median(same) / 1e9,
+                    "kv_over_raw_same_conns": statistics.median(same) / g_s,
+                    "kv_over_raw_same_conns_paired": statistics.median([a / b for a, b in zip(same, g, strict=True)])})
         if overlap:
             row.update(_overlap(server, client, layout, payload, kv_dtype, n, chunk_bytes, g_s / streams,
                                 layer_compute_ms))

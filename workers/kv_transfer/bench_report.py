@@ -33,6 +33,12 @@ def format_table(result: dict[str, Any]) -> str:
             f"{r['raw_tcp_sender_cpu_s_per_gb']:.2f}/{r['raw_tcp_receiver_cpu_s_per_gb']:.2f}"
         )
     lines.append("bare = a raw-bytes gRPC stream of the same frames with no per-byte work at either end")
+    for r in result["rows"]:
+        if "kv_over_raw_same_conns" in r:
+            lines.append(
+                f"same sockets {r['tokens']:>6} {r['kv_dtype']:>9} {r['transport']:>7}: raw TCP over as many "
+                f"sockets {r['raw_tcp_same_conns_gbps']:.2f} GB/s; KV/raw {r['kv_over_raw_same_conns']:.2f} "
+                f"(paired {r['kv_over_raw_same_conns_paired']:.2f})")
     seen = set()
     for r in result["rows"]:
         if (r["tokens"], r["kv_dtype"]) in seen:
