@@ -1,11 +1,18 @@
 """Benchmark: how fast the simulator runs a large workload through the core's router.
 
     .venv/bin/python scripts/bench_sim.py [--requests 1000000] [--rate 150] [--out bench_sim.json]
+    .venv/bin/python scripts/bench_sim.py --requests 100000 --digest   # the outcome check, not a timing
 
 Simulates `--requests` requests of `cluster_configs/sim/workloads/chat-poisson.yaml` (at `--rate`)
 on the 32-worker heterogeneous fleet `cluster_configs/sim/serving/bench-32-heterogeneous.yaml`,
 prints a table (wall and CPU time, requests/s, events/s, the share of wall time spent inside the
 core's admission + router) and writes the same as JSON with the device, date and versions.
+
+`--digest` instead runs with every decision and power change recorded and prints SHA-256 digests of
+the full JSON report (every percentile, decisions by reason, energy, per-pool figures, the sorted
+TTFT/TPOT series, power over time; the `events` count left out: it depends on how decode steps are
+grouped into events, not on the outcome), of the decision log (request, decode, prefill, reason),
+of the finish order and of the fleet power timeline. A speed change must leave them identical.
 """
 
 from __future__ import annotations
@@ -34,7 +41,10 @@ def main() -> int:
     ap.add_argument("--config", default=str(ROOT / "cluster_configs/sim/serving/bench-32-heterogeneous.yaml"))
     ap.add_argument("--workload", default=str(ROOT / "cluster_configs/sim/workloads/chat-poisson.yaml"))
     ap.add_argument("--out", default="bench_sim.json")
+    ap.add_argument("--digest", action="store_true", help="print outcome digests (see above) instead of timing")
     args = ap.parse_args()
+    if args.digest:
+        return digest(args)
 
     config = load_config(args.config)
     workload = load_workload(args.workload).with_rate(args.rate)
@@ -62,6 +72,7 @@ def main() -> int:
             spent[0] += time.perf_counter() - t
 
     bridge.offer, bridge.drain = timed_offer, timed_drain
+    load_before = os.getloadavg()[0]  # the box is shared: its load moves CPU seconds by up to ~1.5x
     t0 = time.perf_counter()
     c0 = time.process_time()
     report = sim.run(workload.requests(args.requests))
@@ -106,10 +117,40 @@ def main() -> int:
         "pydantic": pydantic.__version__,
         "config": os.path.relpath(args.config, ROOT),
         "workload": os.path.relpath(args.workload, ROOT),
+        "load_avg_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
     Path(args.out).write_text(json.dumps({"meta": meta, "result": row}, indent=2))
     print(f"wrote {args.out}")
     return 0 if not leaks else 1
+
+
+def digest(args: argparse.Namespace) -> int:
+    import hashlib
+
+    from orchestrator.sim.build import SimOptions
+
+    def sha(x: object) -> str:
+        return hashlib.sha256(json.dumps(x, sort_keys=True).encode()).hexdigest()[:16]
+
+    sim = build_simulation(load_config(args.config), options=SimOptions(record_decisions=True, record_timeline=True))
+    sim.recorder.track_ids()
+    report = sim.run(load_workload(args.workload).with_rate(args.rate).requests(args.requests))
+    full = report.to_dict(include_series=True)
+    events = full.pop("events")
+    out = {
+        "requests": report.requests,
+        "events": events,
+        "report": sha(full),
+        "decision_log": sha(sim.decision_log),
+        "finished_ids": sha(list(sim.recorder.finished_ids or [])),
+        "power_timeline": sha(sim.fleet_power.timeline),
+        "energy_j": report.energy_j,
+        "ttft_ms": report.ttft_ms,
+        "decisions": report.decisions,
+        "leaks": sim.leak_report(),
+    }
+    print(json.dumps(out, indent=1))
+    return 0 if not out["leaks"] else 1
 
 
 if __name__ == "__main__":

@@ -81,14 +81,51 @@ class QueueView:
         return sum(self.waiting_by_class.values())
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class AdmissionDecision:
+    """Admit, queue or reject, why, and when to retry. `__init__` is written out (the fields'
+    parameters; the instance dict written directly, as `RouteDecision` does)."""
+
     request_id: str
     action: AdmissionAction
     reason: AdmissionReason
     sla_class: str | None  # the resolved class (None when it was unknown)
     detail: str
     retry_after_s: float | None = None  # set on every REJECT
+
+    def __init__(self, request_id: str, action: AdmissionAction, reason: AdmissionReason, sla_class: str | None,
+                 detail: str, retry_after_s: float | None = None) -> None:
+        d = self.__dict__
+        d["request_id"] = request_id
+        d["action"] = action
+        d["reason"] = reason
+        d["sla_class"] = sla_class
+        d["detail"] = detail
+        d["retry_after_s"] = retry_after_s
+
+    @classmethod
+    def _formatted_later(cls, request_id: str, action: AdmissionAction, reason: AdmissionReason,
+                         sla_class: str | None, template: str, *args: float) -> AdmissionDecision:
+        """A decision whose `detail` is `template.format(*args)`, formatted on first read (admission
+        admits millions of simulated requests whose detail nobody reads). Reads, equality, hashing,
+        repr and `dataclasses.asdict` all see the formatted text."""
+        self = cls.__new__(cls)
+        d = self.__dict__
+        d["request_id"] = request_id
+        d["action"] = action
+        d["reason"] = reason
+        d["sla_class"] = sla_class
+        d["_detail_args"] = (template, args)
+        d["retry_after_s"] = None
+        return self
+
+    def __getattr__(self, name: str) -> str:  # only called when `detail` is not formatted yet
+        lazy = self.__dict__.get("_detail_args") if name == "detail" else None
+        if lazy is not None:
+            text = self.__dict__["detail"] = lazy[0].format(*lazy[1])
+            self.__dict__.pop("_detail_args", None)
+            return text
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def http_status(self) -> int:
@@ -156,9 +193,9 @@ class Admission:
             reason = AdmissionReason.QUEUED_BEHIND if behind > 0 else AdmissionReason.NO_KV_CAPACITY
             why = f"{behind} of class {sla.name} waiting" if behind > 0 else "no decode worker has KV room yet"
             return self._queue_or_reject(req, sla.name, queues, reason, why, best)
-        return AdmissionDecision(
+        return AdmissionDecision._formatted_later(
             rid, AdmissionAction.ADMIT, AdmissionReason.ADMITTED, sla.name,
-            f"best predicted TTFT {best:.0f}ms <= {sla.ttft_ms:.0f}ms",
+            "best predicted TTFT {:.0f}ms <= {:.0f}ms", best, sla.ttft_ms,
         )
 
     def queue_for_power(self, req: RouteRequest, queues: QueueView, why: str = "") -> AdmissionDecision:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.core.hardware import GemmKind, HardwareCatalog, HardwareSpec, LinkSpec, Phase
 from orchestrator.core.model_shape import ModelShape
@@ -57,6 +57,8 @@ class CostModel:
         self.catalog = profile.apply(catalog) if profile is not None else catalog
         self._linear_cache: dict[tuple[str, int, LinearMode], float] = {}
         self._gemm_cache: dict[tuple[str, int, int, int, GemmKind], float] = {}
+        self._gemm_args: dict[tuple[str, GemmKind], tuple[Any, float, int]] = {}  # (curve, peak TFLOP/s, bytes)
+        self._prefill1: dict[tuple[str, int, int, LinearMode, KVDtype], float] = {}  # one-sequence prefills
         self._decode_fixed: dict[tuple[str, int, LinearMode], tuple[float, float, float, float]] = {}
         self._accepted: dict[int, tuple[HardwareSpec, HardwareSpec]] = {}
         self._exposed_cache: dict[tuple[str, int, KVDtype, str, LinearMode], float] = {}
@@ -101,13 +103,22 @@ class CostModel:
     # ---------------------------------------------------------------- pieces
     def gemm_time_s(self, hw: str | HardwareSpec, m: int, k: int, n: int, kind: GemmKind) -> float:
         """One GEMM (M×K)·(K×N) of `kind` on `hw`, from its calibrated curve."""
-        spec = self.spec(hw)
+        return self._gemm(self.spec(hw), m, k, n, kind)
+
+    def _gemm(self, spec: HardwareSpec, m: int, k: int, n: int, kind: GemmKind) -> float:
+        """`spec.gemm_time_s(m, k, n, kind)` (spec: this model's entry), memoised per shape; on a miss
+        the curve, peak and operand size of (device, kind) come from a memo too — what
+        `HardwareSpec.gemm_time_s` looks up each call (`tests/unit/cost` checks they agree)."""
         key = (spec.key, m, k, n, kind)
         t = self._gemm_cache.get(key)
         if t is None:
             if len(self._gemm_cache) > _CACHE_MAX:
                 self._gemm_cache.clear()
-            t = spec.gemm_time_s(m, k, n, kind)
+            args = self._gemm_args.get((spec.key, kind))
+            if args is None:
+                eff = kind if spec.has_fp8 else GemmKind.BF16  # HardwareSpec.gemm_time_s's fallback
+                args = self._gemm_args[(spec.key, kind)] = (spec.curve(eff), spec.peak_tflops(eff), eff.operand_bytes)
+            t = args[0].time_s(m, k, n, args[1], args[2])
             self._gemm_cache[key] = t
         return t
 
@@ -120,9 +131,10 @@ class CostModel:
         t = self._linear_cache.get(key)
         if t is None:
             kind = GemmKind.for_linear_mode(linear_mode)
-            t = self.model.num_layers * sum(
-                self.gemm_time_s(spec, num_rows, k, n, kind) for k, n in self._layer_gemms
-            )
+            total = 0  # the sum over the layer's GEMMs in order, as sum() adds them
+            for k, n in self._layer_gemms:
+                total += self._gemm(spec, num_rows, k, n, kind)
+            t = self.model.num_layers * total
             if len(self._linear_cache) > _CACHE_MAX:
                 self._linear_cache.clear()
             self._linear_cache[key] = t
@@ -132,7 +144,7 @@ class CostModel:
         """The LM head (always bf16) over `num_rows` rows that need logits."""
         if num_rows <= 0:
             return 0.0
-        return self.gemm_time_s(hw, num_rows, self.model.hidden_size, self.model.vocab_size, GemmKind.BF16)
+        return self._gemm(self.spec(hw), num_rows, self.model.hidden_size, self.model.vocab_size, GemmKind.BF16)
 
     def elementwise_time_s(self, hw: str | HardwareSpec, num_rows: int, phase: Phase = Phase.DECODE) -> float:
         """Non-GEMM time of one step over `num_rows` token rows: the activation traffic of norms,
@@ -169,7 +181,18 @@ class CostModel:
         """Seconds to prefill `num_tokens` new tokens of one request after `context_tokens` cached ones."""
         _check_count("num_tokens", num_tokens, minimum=1)
         _check_count("context_tokens", context_tokens)
-        return self._prefill(self.spec(hw), [(num_tokens, context_tokens)], linear_mode, kv_dtype)
+        return self._prefill_one(self.spec(hw), num_tokens, context_tokens, linear_mode, kv_dtype)
+
+    def _prefill_one(self, spec: HardwareSpec, num_tokens: int, context_tokens: int, mode: LinearMode,
+                     kv_dtype: KVDtype) -> float:
+        """`_prefill` of one sequence, memoised (prefill_time_s and one-prompt prefill_batch_time_s share it)."""
+        key = (spec.key, num_tokens, context_tokens, mode, kv_dtype)
+        t = self._prefill1.get(key)
+        if t is None:
+            if len(self._prefill1) > _CACHE_MAX:
+                self._prefill1.clear()
+            t = self._prefill1[key] = self._prefill(spec, [(num_tokens, context_tokens)], mode, kv_dtype)
+        return t
 
     def prefill_batch_time_s(
         self,
@@ -184,6 +207,8 @@ class CostModel:
             raise InvalidCostQuery("prefill_batch_time_s needs at least one prompt")
         for n in token_counts:
             _check_count("token_counts[i]", n, minimum=1)
+        if len(token_counts) == 1:
+            return self._prefill_one(self.spec(hw), token_counts[0], 0, linear_mode, kv_dtype)
         return self._prefill(self.spec(hw), [(n, 0) for n in token_counts], linear_mode, kv_dtype)
 
     def _prefill(

@@ -84,6 +84,12 @@ class Placement(NamedTuple):
         return out
 
 
+Scan = tuple[WorkerSnapshot | None, float, float, float]
+"""`Estimator.remote_scan`'s fastest remote worker and its (queue s, prefill s, transfer s)."""
+Local = tuple[WorkerSnapshot, float, float]
+"""A decode worker and `Estimator.local_s` of it (queue s, prefill s) for one request."""
+
+
 class _Tables:
     """Memoised cost-model answers of one (hardware, pool), by token count."""
 
@@ -116,6 +122,11 @@ class Estimator:
         self._step: dict[tuple[str, int, int, LinearMode], float] = {}
         self._own_tokens = -1  # own_s's memo: the prompt length it holds, and (hw, pool) → (prefill, transfer)
         self._own: dict[tuple[str, str], tuple[float, float]] = {}
+        # (request, prefill list, remote_scan's scan, local_s of the least-loaded decode worker), set by
+        # the router only while it routes that request on the very snapshot state they read (Router.route)
+        self.hint: tuple[RouteRequest, Sequence[WorkerSnapshot], Scan, Local] | None = None
+        self._groups_of: Sequence[WorkerSnapshot] | None = None
+        self._groups_list: list[tuple[tuple[str, str], list[WorkerSnapshot]]] = []
 
     def mode(self, w: WorkerSnapshot) -> LinearMode:
         return self._modes.get(w.pool, self.config.model.linear_mode)
@@ -192,6 +203,66 @@ class Estimator:
                 best = t
         return best
 
+    def _groups(self, prefills: Sequence[WorkerSnapshot]) -> list[tuple[tuple[str, str], list[WorkerSnapshot]]]:
+        """The workers of `prefills` grouped by (hardware, pool), cached for the last list seen (a
+        snapshot's `prefill_view()`: the same list object while the snapshot lives)."""
+        if self._groups_of is not prefills:
+            groups: dict[tuple[str, str], list[WorkerSnapshot]] = {}
+            for p in prefills:
+                groups.setdefault((p.hardware, p.pool), []).append(p)
+            self._groups_list = list(groups.items())
+            self._groups_of = prefills
+        return self._groups_list
+
+    def remote_scan(self, req: RouteRequest, prefills: Sequence[WorkerSnapshot], best: float) -> tuple[float, Scan]:
+        """`(remote_best_ttft_ms(req, prefills, best), scan)` in one pass over the prefill workers, where
+        `scan` = (worker fastest_remote would pick or None, its queue s, prefill s, transfer s): the
+        same floats as those methods (each keeps its own order of additions). The minimum and the
+        argmin (ties: lower worker id) do not depend on the order of the pass."""
+        s = req.prompt_tokens
+        if s != self._own_tokens:
+            self._own_tokens = s
+            self._own = {}
+        own = self._own
+        tables = self._tables
+        fast_t = 0.0
+        fast: WorkerSnapshot | None = None
+        f_q = f_pf = f_tr = 0.0
+        for key, members in self._groups(prefills):
+            v = own.get(key)
+            if v is None:
+                v = own[key] = (self.prefill_s(members[0], s), self.transfer_s(members[0], s))
+            pf, tr = v
+            ptr = pf + tr
+            memo = tables[key].prefill  # made by prefill_s(…, s) above or before
+            for p in members:
+                n = p.__dict__["queued_prefill_tokens"]  # (a dict read: cheaper than the attribute)
+                if n > 0:
+                    q = memo.get(n)
+                    if q is None:
+                        q = self.prefill_s(p, n)
+                else:
+                    q = 0.0
+                t = (q + pf + tr) * 1e3  # remote_best_ttft_ms's sum
+                if t < best:
+                    best = t
+                k = (q + ptr) * 1e3  # fastest_remote's key
+                if fast is None or k < fast_t or (k == fast_t and p.worker_id < fast.worker_id):
+                    fast_t, fast, f_q, f_pf, f_tr = k, p, q, pf, tr
+        return best, (fast, f_q, f_pf, f_tr)
+
+    def local_s(self, d: WorkerSnapshot, prompt_tokens: int) -> tuple[float, float]:
+        """(prefill_s(d, d.queued_prefill_tokens), prefill_s(d, prompt_tokens)): local prefill's parts."""
+        return self.prefill_s(d, d.queued_prefill_tokens), self.prefill_s(d, prompt_tokens)
+
+    def local_placement(self, req: RouteRequest, d: WorkerSnapshot) -> Placement:
+        """`estimate(req, d, None)` (from the router's hint when it holds d's numbers: the same floats)."""
+        hint = self.hint
+        if hint is not None and hint[0] is req and hint[3][0] is d:
+            _, q, pf = hint[3]
+            return Placement(d.worker_id, None, q * 1e3, pf * 1e3, 0.0, max_tokens=req.max_tokens)
+        return self.estimate(req, d, None)
+
     def ttft_ms(self, req: RouteRequest, p: WorkerSnapshot, remote: bool) -> float:
         """T of prefilling req on p (remote: plus the exposed transfer); the hot path of every policy."""
         t = self.prefill_s(p, p.queued_prefill_tokens) + self.prefill_s(p, req.prompt_tokens)
@@ -203,6 +274,13 @@ class Estimator:
         self, req: RouteRequest, decode: WorkerSnapshot, prefills: Sequence[WorkerSnapshot]
     ) -> Placement | None:
         """The remote placement with the lowest predicted TTFT (ties: lower worker id), or None."""
+        hint = self.hint
+        if hint is not None and hint[0] is req and hint[1] is prefills:
+            p, q, pf, tr = hint[2]
+            if p is None:
+                return None
+            # estimate(req, decode, p) from the scan's numbers (the same floats)
+            return Placement(decode.worker_id, p.worker_id, q * 1e3, pf * 1e3, tr * 1e3, max_tokens=req.max_tokens)
         best: tuple[float, str] | None = None
         best_w: WorkerSnapshot | None = None
         s = req.prompt_tokens

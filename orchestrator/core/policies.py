@@ -65,16 +65,20 @@ class ContextTTFTPolicy:
     def __init__(self, cfg: ContextTTFTRouting) -> None:
         self.cfg = cfg
 
-    def candidates(
+    def first_candidate(
         self, req: RouteRequest, snap: ClusterSnapshot, decodes: Sequence[WorkerSnapshot], ctx: RouteContext
-    ) -> Iterator[Candidate]:
-        d = decodes[0]
-        local = ctx.estimator.estimate(req, d, None)
-        prefills = snap.prefill_view()
-        best = ctx.estimator.fastest_remote(req, d, prefills)
+    ) -> Candidate:
+        """`next(iter(self.candidates(...)))` without the generator (the router's path without a
+        power budget takes only the first)."""
+        return self._first(req, snap, decodes[0], ctx)[0]
+
+    def _first(
+        self, req: RouteRequest, snap: ClusterSnapshot, d: WorkerSnapshot, ctx: RouteContext
+    ) -> tuple[Candidate, Placement, Placement | None, bool]:
+        local = ctx.estimator.local_placement(req, d)
+        best = ctx.estimator.fastest_remote(req, d, snap.prefill_view())
         if best is None:
-            yield Candidate(local, RouteReason.COLOCATED, f"no prefill pool; {local.describe()}")
-            return
+            return Candidate(local, RouteReason.COLOCATED, f"no prefill pool; {local.describe()}"), local, None, False
         margin = self.cfg.remote_margin_ms
         remote = best.ttft_ms + margin < local.ttft_ms
 
@@ -85,10 +89,21 @@ class ContextTTFTPolicy:
             return f"{vs}; remote" if remote else f"{vs}; local"
 
         if remote:
-            yield Candidate(best, RouteReason.REMOTE_FASTER, why)
+            return Candidate(best, RouteReason.REMOTE_FASTER, why), local, best, True
+        return Candidate(local, RouteReason.LOCAL_FASTER, why), local, best, False
+
+    def candidates(
+        self, req: RouteRequest, snap: ClusterSnapshot, decodes: Sequence[WorkerSnapshot], ctx: RouteContext
+    ) -> Iterator[Candidate]:
+        d = decodes[0]
+        first, local, best, remote = self._first(req, snap, d, ctx)
+        yield first
+        if best is None:
+            return
+        prefills = snap.prefill_view()
+        if remote:
             yield from _fallbacks(ctx, req, d, best, prefills, RouteReason.REMOTE_FASTER)
         else:
-            yield Candidate(local, RouteReason.LOCAL_FASTER, why)
             yield from _fallbacks(ctx, req, d, local, prefills, RouteReason.LOCAL_FASTER, local=False)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from orchestrator.config.models import PowerConfig
 from orchestrator.core.hardware import Phase
@@ -51,6 +52,10 @@ class PowerAccountant:
         self.budget = budget
         self._phase_w: dict[tuple[str, Phase], float] = {}
         self._hw_w: dict[str, tuple[float, float, float]] = {}  # hw → (idle, prefill, decode) W
+        # the last snapshot's workers tuple and, per worker, (its fields' dict, idle W, prefill W, decode W):
+        # the hardware of a worker snapshot never changes, so the rows stay valid while the tuple does
+        self._rows_of: tuple[WorkerSnapshot, ...] | None = None
+        self._rows: list[tuple[dict[str, Any], float, float, float]] = []
 
     def phase_w(self, hw: str, phase: Phase) -> float:
         """Modelled draw of hardware `hw` doing `phase` flat out (IDLE: at rest)."""
@@ -116,18 +121,29 @@ class PowerAccountant:
             pools[w.pool] = get(w.pool, 0.0) + now
         return total, pools
 
+    def _power_rows(self, snap: ClusterSnapshot) -> list[tuple[dict[str, Any], float, float, float]]:
+        ws = snap.workers
+        if ws is not self._rows_of:
+            rows = []
+            for w in ws:
+                t = self._hw_w.get(w.hardware)
+                if t is None:
+                    t = self._hw_w[w.hardware] = (
+                        self.phase_w(w.hardware, Phase.IDLE),
+                        self.phase_w(w.hardware, Phase.PREFILL),
+                        self.phase_w(w.hardware, Phase.DECODE),
+                    )
+                rows.append((w.__dict__, *t))  # the fields' dict: cheaper to read than the attributes
+            self._rows, self._rows_of = rows, ws
+        return self._rows
+
     def cluster_total_w(self, snap: ClusterSnapshot) -> float:
         """`totals(snap)[0]` (the same float: the same sum in the same order) without the pool sums."""
         total = 0.0
-        hw_w = self._hw_w
-        for w in snap.workers:
-            now = w.power_w
+        for f, idle, prefill, decode in self._power_rows(snap):  # worker_w inlined, over each worker's fields
+            now = f["power_w"]
             if now is None:
-                t = hw_w.get(w.hardware)
-                if t is None:
-                    self.worker_w(w)
-                    t = hw_w[w.hardware]
-                now = t[1] if w.queued_prefill_tokens > 0 else t[2] if w.running_batch > 0 else t[0]
+                now = prefill if f["queued_prefill_tokens"] > 0 else decode if f["running_batch"] > 0 else idle
             total += now
         return total
 

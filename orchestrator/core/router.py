@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from orchestrator.config.models import NoFitAction, RoutingKind, SLAClass, TandemConfig
-from orchestrator.core.estimates import Estimator, Placement
+from orchestrator.core.estimates import Estimator, Local, Placement, Scan
 from orchestrator.core.ports import CostModelPort
 from orchestrator.core.power import PowerAccountant
 from orchestrator.core.snapshot import ClusterSnapshot, RouteRequest, WorkerSnapshot
@@ -70,12 +70,14 @@ def text_of(t: Text) -> str:
     return t if isinstance(t, str) else t()
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, init=False)
 class RouteDecision:
     """Where a request goes (or why it cannot go now), with the numbers that decided it.
 
     `arithmetic` is formatted on first access from `arithmetic_text` (the simulator routes millions
-    of requests and reads it for almost none); equality compares the formatted text."""
+    of requests and reads it for almost none); equality compares the formatted text. `__init__` is
+    written out (the same parameters as the fields, writing the instance dict directly: a frozen
+    dataclass's generated one costs three times as much); a test checks it against the fields."""
 
     request_id: str
     policy: RoutingKind
@@ -89,6 +91,27 @@ class RouteDecision:
     predicted_power_w: float | None = None  # projected cluster power with this placement
     no_fit: NoFitAction | None = None  # set when not placed: queue (retry later) or reject
     retry_after_s: float | None = None
+
+    def __init__(
+        self, request_id: str, policy: RoutingKind, reason: RouteReason, arithmetic_text: Text,
+        decode_worker_id: str | None = None, prefill_worker_id: str | None = None,
+        predicted_ttft_ms: float | None = None, predicted_tpot_ms: float | None = None,
+        predicted_energy_j: float | None = None, predicted_power_w: float | None = None,
+        no_fit: NoFitAction | None = None, retry_after_s: float | None = None,
+    ) -> None:
+        d = self.__dict__
+        d["request_id"] = request_id
+        d["policy"] = policy
+        d["reason"] = reason
+        d["arithmetic_text"] = arithmetic_text
+        d["decode_worker_id"] = decode_worker_id
+        d["prefill_worker_id"] = prefill_worker_id
+        d["predicted_ttft_ms"] = predicted_ttft_ms
+        d["predicted_tpot_ms"] = predicted_tpot_ms
+        d["predicted_energy_j"] = predicted_energy_j
+        d["predicted_power_w"] = predicted_power_w
+        d["no_fit"] = no_fit
+        d["retry_after_s"] = retry_after_s
 
     @property
     def arithmetic(self) -> str:
@@ -215,22 +238,77 @@ def least_loaded_key(w: WorkerSnapshot) -> tuple[int, int, str]:
     return (w.running_batch + w.waiting, -w.free_kv_blocks, w.worker_id)
 
 
+class DecodeOrder(Sequence[WorkerSnapshot]):
+    """The decode candidates of one request, least loaded first (`least_loaded_key`), as a read-only
+    sequence: the first is found in one pass over the workers; the whole order is sorted only when
+    something reads past it (the built-in policies other than `power` never do)."""
+
+    __slots__ = ("_request", "_healthy", "first", "_all")
+
+    def __init__(self, request: RouteRequest, healthy: Sequence[WorkerSnapshot]) -> None:
+        self._request = request
+        self._healthy = healthy
+        self._all: list[WorkerSnapshot] | None = None
+        n = request.kv_tokens  # free_kv_blocks ≥ ⌈n / block_size⌉  ⇔  free_kv_blocks · block_size ≥ n
+        first: WorkerSnapshot | None = None
+        first_load = first_free = 0
+        for w in healthy:  # sorted by id: on a full tie the earlier (lower id) one stays
+            f = w.__dict__  # the dataclass's fields, read from its dict: half the cost of attribute reads
+            free = f["free_kv_blocks"]
+            if free * f["block_size"] >= n:
+                load = f["running_batch"] + f["waiting"]
+                if first is None or load < first_load or (load == first_load and free > first_free):
+                    first, first_load, first_free = w, load, free
+        self.first = first
+
+    def _sorted(self) -> list[WorkerSnapshot]:
+        if self._all is None:
+            self._all = Router._fitting(self._request, self._healthy) if self.first is not None else []
+        return self._all
+
+    def __getitem__(self, i):  # type: ignore[no-untyped-def, override]
+        if i == 0 and self.first is not None and type(i) is int:
+            return self.first
+        return self._sorted()[i]
+
+    def __len__(self) -> int:
+        return len(self._sorted())
+
+    def __bool__(self) -> bool:
+        return self.first is not None
+
+    def __iter__(self) -> Iterator[WorkerSnapshot]:
+        return iter(self._sorted())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, DecodeOrder | list | tuple):
+            return list(self) == list(other)
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"DecodeOrder({[w.worker_id for w in self]!r})"
+
+
 class RouteEval:
     """What admission and the router both need for one request on one snapshot state: the healthy
-    decode workers and those with KV room, least loaded first. `Router.evaluate` builds it;
+    decode workers and those with KV room, least loaded first (`decodes`, a `DecodeOrder`), and —
+    once `Router.best_ttft_ms` has scanned the prefill workers — the fastest remote one
+    (`fastest`: (the prefill list scanned, `Estimator.remote_scan`'s scan, `Estimator.local_s` of
+    the least-loaded decode worker)). `Router.evaluate` builds it;
     `Admission.decide` keeps the one it used (`last_evaluation`) so that a caller routing the same
     request on the same, unchanged snapshot right after can hand it to `Router.route`."""
 
-    __slots__ = ("request", "snapshot", "healthy", "decodes")
+    __slots__ = ("request", "snapshot", "healthy", "decodes", "fastest")
 
     def __init__(
         self, request: RouteRequest, snapshot: ClusterSnapshot,
-        healthy: list[WorkerSnapshot], decodes: list[WorkerSnapshot],
+        healthy: Sequence[WorkerSnapshot], decodes: Sequence[WorkerSnapshot],
     ) -> None:
         self.request = request
         self.snapshot = snapshot
         self.healthy = healthy
         self.decodes = decodes
+        self.fastest: tuple[Sequence[WorkerSnapshot], Scan, Local] | None = None
 
 
 class Router:
@@ -267,16 +345,29 @@ class Router:
     def evaluate(self, req: RouteRequest, snap: ClusterSnapshot) -> RouteEval:
         """The decode candidates of `req` on `snap` as it is now (see RouteEval)."""
         healthy = snap.decode_view()
-        return RouteEval(req, snap, healthy, self._fitting(req, healthy) if healthy else [])
+        return RouteEval(req, snap, healthy, DecodeOrder(req, healthy))
 
     def route(self, req: RouteRequest, snap: ClusterSnapshot, evaluation: RouteEval | None = None) -> RouteDecision:
         """Decide where `req` goes. Pure: reads the snapshot, changes nothing.
 
         `evaluation`: `self.evaluate(req, snap)` computed on this very snapshot state (e.g. by
         admission just before); ignored when it was made for another request or snapshot."""
-        kind = self.policy.kind
         if evaluation is None or evaluation.request is not req or evaluation.snapshot is not snap:
             evaluation = self.evaluate(req, snap)
+            hint = None
+        else:  # made on this very snapshot state: the prefill scan of best_ttft_ms still holds
+            hint = evaluation.fastest
+        if hint is None:
+            return self._route(req, snap, evaluation)
+        est = self.estimator
+        est.hint = (req, *hint)
+        try:
+            return self._route(req, snap, evaluation)
+        finally:
+            est.hint = None
+
+    def _route(self, req: RouteRequest, snap: ClusterSnapshot, evaluation: RouteEval) -> RouteDecision:
+        kind = self.policy.kind
         healthy = evaluation.healthy
         if not healthy:
             return RouteDecision(
@@ -298,7 +389,11 @@ class Router:
             )
         if self.config.power is None and self.power.budget is None:
             # no budget: the policy's first choice always fits; only the projected draw is reported
-            c = next(iter(self.policy.candidates(req, snap, decodes, self.ctx)))
+            first = getattr(self.policy, "first_candidate", None)  # optional: the first without a generator
+            if first is not None:
+                c = first(req, snap, decodes, self.ctx)
+            else:
+                c = next(iter(self.policy.candidates(req, snap, decodes, self.ctx)))
             pl = c.placement
             prefill = None if pl.prefill_worker_id is None else snap.worker(pl.prefill_worker_id)
             after_w = self.power.after_w(self.power.cluster_total_w(snap), prefill, snap.worker(pl.decode_worker_id))
@@ -360,7 +455,12 @@ class Router:
         if not decodes:
             return None
         est = self.estimator
-        return est.remote_best_ttft_ms(req, snap.prefill_view(), est.ttft_ms(req, decodes[0], False))
+        prefills = snap.prefill_view()
+        d = decodes[0]
+        q, pf = est.local_s(d, req.prompt_tokens)
+        best, scan = est.remote_scan(req, prefills, (q + pf) * 1e3)  # (q + pf) · 1e3: est.ttft_ms(req, d, False)
+        evaluation.fastest = (prefills, scan, (d, q, pf))
+        return best
 
     def retry_after_s(self, snap: ClusterSnapshot) -> float:
         """When watts should free up: the shortest queued prefill work among busy workers."""
@@ -371,6 +471,7 @@ class Router:
 
 __all__ = [
     "Candidate",
+    "DecodeOrder",
     "RouteContext",
     "RouteDecision",
     "RouteEval",

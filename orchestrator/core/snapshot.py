@@ -17,15 +17,27 @@ class InvalidRequest(TandemError, ValueError):
     """A RouteRequest with impossible numbers (negative tokens, …)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class RouteRequest:
-    """What the router and admission know of a request."""
+    """What the router and admission know of a request. `__init__` is written out (the fields'
+    parameters, the instance dict written directly: cheaper than a frozen dataclass's) and checks
+    the token counts (InvalidRequest)."""
 
     request_id: str
     prompt_tokens: int
     max_tokens: int
     sla_class: str | None = None  # None = the config's default class
     arrival_s: float = 0.0
+
+    def __init__(self, request_id: str, prompt_tokens: int, max_tokens: int, sla_class: str | None = None,
+                 arrival_s: float = 0.0) -> None:
+        d = self.__dict__
+        d["request_id"] = request_id
+        d["prompt_tokens"] = prompt_tokens
+        d["max_tokens"] = max_tokens
+        d["sla_class"] = sla_class
+        d["arrival_s"] = arrival_s
+        self.__post_init__()
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt_tokens, int) or self.prompt_tokens < 1:

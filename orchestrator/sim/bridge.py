@@ -14,8 +14,8 @@ Snapshot fields from a `SimWorker`:
     waiting               = requests holding (or waiting for) blocks here but not yet decoding
     free_kv_blocks, total_kv_blocks, block_size as the worker's cache; power_w None (modelled).
 
-The snapshot objects are frozen dataclasses; the bridge updates its own instances in place with
-`object.__setattr__` (nothing else holds them: the router is pure and keeps no reference). With
+The snapshot objects are frozen dataclasses; the bridge updates its own instances in place through
+their instance dicts (nothing else holds them: the router is pure and keeps no reference). With
 `record_route_calls` every router call is also logged with an independent copy of the snapshot —
 the contract test replays that log through a separate dispatcher.
 """
@@ -34,8 +34,6 @@ from orchestrator.core.router import RouteDecision, RouteEval, Router
 from orchestrator.core.snapshot import ClusterSnapshot, RouteRequest, WorkerSnapshot
 from orchestrator.sim.fleet import SimWorker
 from orchestrator.sim.workload import SimRequest
-
-_set = object.__setattr__
 
 
 def request_of(req: SimRequest) -> RouteRequest:
@@ -76,22 +74,26 @@ class CoreBridge:
     def refresh(self, now_s: float) -> ClusterSnapshot:
         """Bring the snapshot up to date (only the workers marked since the last call)."""
         for w in self._dirty:
-            s = w.snapshot
-            _set(s, "queued_prefill_tokens", w.prefill_q_tokens + w.batch_tokens)
-            _set(s, "running_batch", w.num_running)
-            _set(s, "waiting", w.pending + len(w.reserve_q))
-            _set(s, "free_kv_blocks", w.free_blocks)
+            s = w.snapshot.__dict__  # (the frozen dataclass's fields, written without __setattr__)
+            s["queued_prefill_tokens"] = w.prefill_q_tokens + w.batch_tokens
+            s["running_batch"] = w.num_running
+            s["waiting"] = w.pending + len(w.reserve_q)
+            s["free_kv_blocks"] = w.free_blocks
         self._dirty.clear()
-        _set(self.snapshot, "time_s", now_s)
+        self.snapshot.__dict__["time_s"] = now_s
         return self.snapshot
 
     def _route(self, rreq: RouteRequest, now_s: float, evaluation: RouteEval | None = None) -> RouteDecision:
         snap = self.refresh(now_s)
         decision = self.router.route(rreq, snap, evaluation)
         if self.route_calls is not None:
-            frozen = ClusterSnapshot(tuple(dataclasses.replace(w) for w in snap.workers), snap.time_s)
-            self.route_calls.append((frozen, rreq, decision))
+            self._record(snap, rreq, decision)
         return decision
+
+    def _record(self, snap: ClusterSnapshot, rreq: RouteRequest, decision: RouteDecision) -> None:
+        assert self.route_calls is not None
+        frozen = ClusterSnapshot(tuple(dataclasses.replace(w) for w in snap.workers), snap.time_s)
+        self.route_calls.append((frozen, rreq, decision))
 
     # ------------------------------------------------------------------ decisions
     # The same sequence as orchestrator/runtime/dispatcher.py (RayDispatcher.submit / _not_placed /
@@ -105,19 +107,23 @@ class CoreBridge:
         ("rejected", reason).
         """
         rreq = request_of(req)
-        adm = self.admission.decide(rreq, self.refresh(now_s), self.queue_view)
-        if adm.action is AdmissionAction.REJECT:
-            return "rejected", adm.reason.value
-        if adm.action is AdmissionAction.ADMIT:
+        snap = self.refresh(now_s)
+        adm = self.admission.decide(rreq, snap, self.queue_view)
+        action = adm.action
+        if action is AdmissionAction.ADMIT:
             # nothing changed since admission evaluated the request: the router reuses that
-            d = self._route(rreq, now_s, self.admission.last_evaluation)
-            if d.placed:
+            d = self.router.route(rreq, snap, self.admission.last_evaluation)
+            if self.route_calls is not None:
+                self._record(snap, rreq, d)
+            if d.decode_worker_id is not None:
                 return "placed", self._placement(d)
             if d.no_fit is NoFitAction.REJECT:
                 return "rejected", d.reason.value
             adm = self.admission.queue_for_power(rreq, self.queue_view, d.arithmetic)
             if adm.action is AdmissionAction.REJECT:
                 return "rejected", adm.reason.value
+        elif action is AdmissionAction.REJECT:
+            return "rejected", adm.reason.value
         name = adm.sla_class or self.config.sla.default
         self.queue.append((req, rreq, name))
         self._waiting[name] = self._waiting.get(name, 0) + 1

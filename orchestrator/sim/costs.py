@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
 from typing import Any
 
 from orchestrator.core.types import KVDtype, LinearMode
@@ -35,6 +36,7 @@ class SimCosts:
         self._single_prefill: dict[tuple[Any, int, LinearMode], float] = {}
         self._transfer: dict[tuple[Any, int, KVDtype, Any, LinearMode], float] = {}
         self._per_row: dict[tuple, tuple[float, float, float, float, int]] = {}
+        self._plans: dict[tuple, tuple[float, float, float, float, int, bool]] = {}
         m = cost_model.model
         self._attn_flops_per_ctx = 4.0 * m.num_layers * m.num_heads * m.head_dim
         self._kv_per_token = dict(cost_model._kv_bytes_per_token)
@@ -95,6 +97,22 @@ class SimCosts:
                                       spec.attention_efficiency, spec.measured_mem_bw_tbps * 1e12,
                                       self._kv_per_token[kv_dtype])
         return c
+
+    def step_plan(self, hw: str, batch: int, *, linear_mode: LinearMode,
+                  kv_dtype: KVDtype) -> tuple[float, float, float, float, int, bool]:
+        """`step_coefficients(...)` plus `memory_bound`: True when, for every Σ context c ≥ 0 of a batch
+        of ≥ 1 sequences, the float comparison `compute > memory` of a step is False (so a step is
+        `head_s + kv_bytes·(c + batch) / B/s + elementwise_s`, the same float, without the compute
+        term). Decided in exact rationals with a margin of 1e-9, far above the few ulps of rounding
+        in either term: `kv_bytes / B/s ≥ (1 + 1e-9) · flops_per_ctx / FLOP/s`."""
+        key = (hw, batch, linear_mode, kv_dtype)
+        plan = self._plans.get(key)
+        if plan is None:
+            c = self.step_coefficients(hw, batch, linear_mode=linear_mode, kv_dtype=kv_dtype)
+            bound = Fraction(c[4]) * Fraction(c[2]) >= (
+                Fraction(1) + Fraction(1, 10**9)) * Fraction(self._attn_flops_per_ctx) * Fraction(c[3])
+            plan = self._plans[key] = (*c, bool(bound))
+        return plan
 
     @property
     def attention_flops_per_context_token(self) -> float:

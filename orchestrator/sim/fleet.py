@@ -97,7 +97,8 @@ class SimWorker:
         "step", "phase", "batch", "busy_s", "phase_since", "power_by_phase", "power_w", "energy_j",
         "prefill_batches", "decode_steps", "tokens_out", "prefill_tokens", "snapshot", "extra",
         "finish_heap", "new_joined", "prefill_wait_s", "prefill_waits", "reserve_wait_s", "reserve_waits",
-        "max_prefill_q", "max_reserve_q", "pending", "run_bounds", "run_version", "run_len",
+        "max_prefill_q", "max_reserve_q", "pending", "run_bounds", "run_version", "run_len", "step_plans",
+        "prefill_memo",
     )
 
     def __init__(self, index: int, worker_id: str, pool: str, role: Role, hardware: Any, *,
@@ -145,9 +146,11 @@ class SimWorker:
         self.max_prefill_q = 0
         self.max_reserve_q = 0
         self.run_bounds: list[float] = []  # end times of the steps of the decode run in flight
-        self.run_len = 8  # steps to compute ahead (adapts: halves when cut, doubles when completed)
+        self.run_len = 8  # steps to compute ahead (doubles, up to RUN_STEPS, each time a run completes)
         self.run_version = 0  # bumped when a run is (re)scheduled: older step-done events are stale
         self.pending = 0  # routed here, blocks held or awaited, not yet in the decode batch
+        self.step_plans: dict[int, tuple] = {}  # batch size → SimCosts.step_plan of this worker (memo)
+        self.prefill_memo: dict[int, float] = {}  # prompt tokens → time of a one-prompt prefill batch here
         self.snapshot: Any = None  # the core's WorkerSnapshot for this worker (kept in sync by the bridge)
         self.extra: dict[str, Any] = {}
 

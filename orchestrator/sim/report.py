@@ -87,8 +87,8 @@ class Recorder:
         return build_report(self, sim, end_s)
 
 
-def _dist(values: array) -> dict[str, float]:
-    s = sorted(values)
+def _dist(values: array | list[float], presorted: bool = False) -> dict[str, float]:
+    s = values if presorted else sorted(values)
     out = {f"p{int(q)}": percentile(s, q) * 1000.0 for q in PERCENTILES}
     out["mean"] = (math.fsum(s) / len(s) * 1000.0) if s else math.nan
     out["max"] = (s[-1] * 1000.0) if s else math.nan
@@ -191,9 +191,10 @@ def build_report(rec: Recorder, sim: Simulator, end_s: float, keep_series: bool 
         last_len = duration - (len(buckets) - 1) * fp.bucket_s
         if last_len > 0:
             buckets[-1] = fp.buckets_j[-1] / last_len
+    ttft_sorted, tpot_sorted = sorted(rec.ttft_s), sorted(rec.tpot_s)
     return SimReport(
         requests=arrived, finished=finished, rejected=rejected, rejections=dict(rec.rejections),
-        duration_s=end_s, ttft_ms=_dist(rec.ttft_s), tpot_ms=_dist(rec.tpot_s), e2e_ms=_dist(rec.e2e_s),
+        duration_s=end_s, ttft_ms=_dist(ttft_sorted, True), tpot_ms=_dist(tpot_sorted, True), e2e_ms=_dist(rec.e2e_s),
         sla_met=rec.met, sla_attainment=(rec.met / arrived) if arrived else math.nan,
         goodput_rps=rec.met / duration, throughput_tokens_per_s=rec.output_tokens / duration,
         output_tokens=rec.output_tokens, energy_j=energy,
@@ -202,6 +203,6 @@ def build_report(rec: Recorder, sim: Simulator, end_s: float, keep_series: bool 
         decisions=dict(sorted(rec.decisions.items())), queued_by_admission=rec.queued_by_admission,
         pools=tuple(pool_reports), events=sim.loop.events_run, power_bucket_s=fp.bucket_s,
         power_w_over_time=tuple(buckets),
-        ttft_s_sorted=tuple(sorted(rec.ttft_s)) if keep_series else (),
-        tpot_s_sorted=tuple(sorted(rec.tpot_s)) if keep_series else (),
+        ttft_s_sorted=tuple(ttft_sorted) if keep_series else (),
+        tpot_s_sorted=tuple(tpot_sorted) if keep_series else (),
     )

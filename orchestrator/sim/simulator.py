@@ -27,6 +27,7 @@ import bisect
 import heapq
 import math
 from collections.abc import Callable, Iterable, Iterator
+from operator import attrgetter
 from typing import Any, Protocol
 
 from orchestrator.core.types import Role
@@ -35,6 +36,9 @@ from orchestrator.sim.fleet import FleetPower, SimWorker, WorkerPhase
 from orchestrator.sim.report import Recorder, SimReport
 from orchestrator.sim.workload import SimRequest
 
+_ARRIVAL_S = attrgetter("arrival_s")
+_MEMO_MAX = 100_000  # entries of a worker's prefill-time memo before it is cleared
+_EXACT_INT = 1 << 53  # integers below this are exact floats
 RUN_STEPS = 64  # most decode steps computed ahead in one event (a run ends early at a finish or an arrival)
 
 
@@ -76,6 +80,9 @@ class CostFns(Protocol):
     def step_coefficients(self, hw: Any, batch: int, *, linear_mode: Any,
                           kv_dtype: Any) -> tuple[float, float, float, float, int]: ...
 
+    def step_plan(self, hw: Any, batch: int, *, linear_mode: Any,
+                  kv_dtype: Any) -> tuple[float, float, float, float, int, bool]: ...
+
     @property
     def attention_flops_per_context_token(self) -> float: ...
 
@@ -108,12 +115,12 @@ class Simulator:
         """Replay the requests to completion (or until `until_s`) and return the report."""
         self._arrivals = iter(requests)
         self.fleet_power.start(0.0, sum(w.power_w for w in self.workers))
-        first = self._next_arrival()
-        if first is not None:
-            self.loop.schedule(*first)
         cb = None if progress is None else (lambda t: progress(t, self.arrived))
-        end = self.loop.run(until_s, cb)
-        if not self.loop._heap:  # ran to completion: what admission still holds was never placed
+        # arrivals are merged into the event order without passing through the heap (the same order
+        # as if each arrival's handler scheduled the next one first, which `_on_arrival` does)
+        end = self.loop.run_merged(self._arrivals, self._arrive, _ARRIVAL_S, until_s, cb)
+        if not self.loop._heap and self.loop.pending_arrival is None:
+            # ran to completion: what admission still holds was never placed
             for req in self.decisions.abandon():
                 self.recorder.rejected(req, "never_placed")
                 self.in_flight -= 1
@@ -134,13 +141,17 @@ class Simulator:
     # ------------------------------------------------------------------ handlers (return new events)
 
     def _on_arrival(self, req: SimRequest) -> list:
+        """An arrival as an event handler that schedules the next arrival itself (first)."""
+        nxt = self._next_arrival()
+        out = self._arrive(req)
+        return out if nxt is None else [nxt, *out]
+
+    def _arrive(self, req: SimRequest) -> list:
+        """Admission and routing of an arrival (`run` merges arrivals into the event order)."""
         t = self.loop.now_s
         out: list = []
         self.arrived += 1
         self.in_flight += 1
-        nxt = self._next_arrival()
-        if nxt is not None:
-            out.append(nxt)
         status, info = self.decisions.offer(req, t)
         if status == "placed":
             self._dispatch(req, info, t, out)
@@ -253,8 +264,8 @@ class Simulator:
                 req.first_token_s = first
             w.new_joined = []
         heap = w.finish_heap
-        out: list = []
         if heap[0][0] <= step:
+            out: list = []
             rec = self.recorder
             pop = heapq.heappop
             while heap and heap[0][0] <= step:
@@ -273,12 +284,7 @@ class Simulator:
             if ev is not None:
                 out.append(ev)
             return out
-        ev = self._iterate(w, t)
-        if ev is not None:
-            if not out:
-                return ev
-            out.append(ev)
-        return out or None
+        return self._iterate(w, t)  # no finish: the batch goes on (or a local prefill runs first)
 
     # ------------------------------------------------------------------ mechanics
 
@@ -327,8 +333,16 @@ class Simulator:
             w.batch = batch
             w.prefill_batches += 1
             w.prefill_tokens += tokens
-            dt = self.cost.prefill_batch_time_s(w.hardware, [r.prompt_tokens for r in batch],
-                                                linear_mode=w.linear_mode)
+            if len(batch) == 1:  # memoised per worker: the same call, the same answer
+                dt = w.prefill_memo.get(tokens)
+                if dt is None:
+                    if len(w.prefill_memo) > _MEMO_MAX:
+                        w.prefill_memo.clear()
+                    dt = w.prefill_memo[tokens] = self.cost.prefill_batch_time_s(
+                        w.hardware, [tokens], linear_mode=w.linear_mode)
+            else:
+                dt = self.cost.prefill_batch_time_s(w.hardware, [r.prompt_tokens for r in batch],
+                                                    linear_mode=w.linear_mode)
             w.set_phase(t, WorkerPhase.PREFILL, self.fleet_power)
             return (t + dt, self._on_prefill_done, w)
         n = w.num_running
@@ -341,18 +355,35 @@ class Simulator:
                 k = w.run_len
             ctx = w.sum_bases + n * w.step
             # cost.decode_step_time_totals_s inlined (same terms, same order: the same floats)
-            head, elem, flops_s, bytes_s, kv_bytes = self.cost.step_coefficients(
-                w.hardware, n, linear_mode=w.linear_mode, kv_dtype=w.kv_dtype)
-            per_ctx = self.cost.attention_flops_per_context_token
-            bounds: list[float] = []
-            add = bounds.append
-            tt = t
-            for _ in range(k):
-                compute = per_ctx * ctx / flops_s
-                memory = kv_bytes * (ctx + n) / bytes_s
-                tt += head + (compute if compute > memory else memory) + elem
-                add(tt)
-                ctx += n
+            plan = w.step_plans.get(n)
+            if plan is None:
+                plan = w.step_plans[n] = self.cost.step_plan(w.hardware, n, linear_mode=w.linear_mode,
+                                                             kv_dtype=w.kv_dtype)
+            head, elem, flops_s, bytes_s, kv_bytes, memory_bound = plan
+            if memory_bound and kv_bytes * (ctx + n * (k + 1)) < _EXACT_INT:
+                # the attention term is the memory one at every step (SimCosts.step_plan): step j
+                # reads kv_bytes·(ctx + (j+1)·n) bytes; the ints are exact, the floats the same
+                # (exact: integers below 2**53 are exact floats, and so are their sums)
+                kn = float(kv_bytes * n)
+                x = float(kv_bytes * (ctx + n))
+                bounds = []
+                add = bounds.append
+                tt = t
+                for _ in range(k):
+                    tt += head + x / bytes_s + elem
+                    add(tt)
+                    x += kn
+            else:
+                per_ctx = self.cost.attention_flops_per_context_token
+                bounds = []
+                add = bounds.append
+                tt = t
+                for _ in range(k):
+                    compute = per_ctx * ctx / flops_s
+                    memory = kv_bytes * (ctx + n) / bytes_s
+                    tt += head + (compute if compute > memory else memory) + elem
+                    add(tt)
+                    ctx += n
             w.run_bounds = bounds
             w.run_version += 1
             w.set_phase(t, WorkerPhase.DECODE, self.fleet_power)
@@ -367,7 +398,8 @@ class Simulator:
         if i < len(bounds) - 1:
             del bounds[i + 1:]
             w.run_version += 1
-            w.run_len = max(1, w.run_len // 2)  # runs here get cut: compute fewer steps ahead
+            # (run_len is not shortened after a cut: a step computed in vain costs ~1/25 of the
+            # event a shorter run would need later; measured in orchestrator/sim/README.md)
             self.loop.schedule(bounds[i], self._on_step_done, (w, w.run_version))
 
     # ------------------------------------------------------------------ checks

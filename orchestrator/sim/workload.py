@@ -75,13 +75,6 @@ class SimRequest:
 LengthSampler = Callable[[random.Random], int]
 
 
-def _clip(lo: int, hi: int) -> Callable[[float], int]:
-    def clip(x: float) -> int:
-        v = int(round(x))
-        return lo if v < lo else hi if v > hi else v
-    return clip
-
-
 def length_sampler(spec: dict[str, Any] | int, what: str) -> LengthSampler:
     """Build a sampler from a spec: an int (fixed) or {dist: fixed|uniform|lognormal|empirical, ...}.
 
@@ -109,10 +102,15 @@ def length_sampler(spec: dict[str, Any] | int, what: str) -> LengthSampler:
             sigma = float(spec["sigma"])
             if not (median > 0 and sigma >= 0):
                 raise WorkloadError(f"{what}: lognormal needs median > 0 and sigma >= 0")
-            clip = _clip(_positive_int(spec.get("min", 1), f"{what}.min"),
-                         _positive_int(spec.get("max", 1 << 30), f"{what}.max"))
+            lo = _positive_int(spec.get("min", 1), f"{what}.min")
+            hi = _positive_int(spec.get("max", 1 << 30), f"{what}.max")
             mu = math.log(median)
-            return lambda rng: clip(rng.lognormvariate(mu, sigma))
+
+            def lognormal(rng: random.Random) -> int:  # clipped to [lo, hi]
+                v = round(rng.lognormvariate(mu, sigma))  # an int, as int(round(x))
+                return lo if v < lo else hi if v > hi else v
+
+            return lognormal
         if dist == "empirical":
             values = [_positive_int(v, f"{what}.values[]") for v in spec["values"]]
             if not values:
