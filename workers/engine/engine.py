@@ -25,7 +25,6 @@ from workers.engine.errors import (
     EngineCapacityError,
     InvalidRequest,
     KVLeakError,
-    PromptTooLong,
 )
 from workers.engine.kv_cache import PagedKVCache, blocks_for
 from workers.engine.kv_import import KVImportMixin
@@ -33,7 +32,7 @@ from workers.engine.loader import load_model
 from workers.engine.model import LlamaModel
 from workers.engine.ops import get_ops
 from workers.engine.sampling import sample_token
-from workers.engine.sequence import SeqState, Sequence
+from workers.engine.sequence import SeqState, Sequence, check_prompt
 from workers.kv_payload import KVLayout
 
 log = logging.getLogger(__name__)
@@ -142,19 +141,7 @@ class Engine(KVImportMixin):
 
     # ---- validation ------------------------------------------------------------------------------
     def _check_prompt(self, prompt_token_ids: list[int]) -> list[int]:
-        ids = list(prompt_token_ids)
-        if not ids:
-            raise InvalidRequest("the prompt is empty; give at least one token")
-        vocab = self.model_config.vocab_size
-        for t in ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                raise InvalidRequest(f"prompt token id {t!r} is outside the vocabulary [0, {vocab})")
-        if len(ids) >= self.max_model_len:
-            raise PromptTooLong(
-                f"prompt has {len(ids)} tokens; this engine's context is {self.max_model_len} tokens "
-                f"(prompt + generated), so a prompt may have at most {self.max_model_len - 1}"
-            )
-        return ids
+        return check_prompt(prompt_token_ids, self.model_config.vocab_size, self.max_model_len)
 
     def _check_new_id(self, request_id: str) -> None:
         if request_id in self._seqs:

@@ -7,6 +7,23 @@ import itertools
 from dataclasses import dataclass, field
 
 from orchestrator.core.types import SamplingParams
+from workers.engine.errors import InvalidRequest, PromptTooLong
+
+
+def check_prompt(prompt_token_ids: list[int], vocab_size: int, max_model_len: int) -> list[int]:
+    """The prompt as a list, or InvalidRequest / PromptTooLong naming what is wrong (any engine)."""
+    ids = list(prompt_token_ids)
+    if not ids:
+        raise InvalidRequest("the prompt is empty; give at least one token")
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+            raise InvalidRequest(f"prompt token id {t!r} is outside the vocabulary [0, {vocab_size})")
+    if len(ids) >= max_model_len:
+        raise PromptTooLong(
+            f"prompt has {len(ids)} tokens; this engine's context is {max_model_len} tokens "
+            f"(prompt + generated), so a prompt may have at most {max_model_len - 1}"
+        )
+    return ids
 
 
 class SeqState(enum.Enum):

@@ -30,9 +30,10 @@ import torch
 
 from orchestrator.core.types import FinishReason, KVDtype, SamplingParams
 from workers.engine.config import TokenOutput
-from workers.engine.errors import DuplicateRequest, InvalidRequest, KVLeakError, PromptTooLong
+from workers.engine.errors import DuplicateRequest, InvalidRequest, KVLeakError
 from workers.engine.kv_cache import blocks_for
 from workers.engine.loader import describe_checkpoint
+from workers.engine.sequence import check_prompt
 from workers.kv_payload import KVCapacityError, KVExport, KVImportError, KVLayerPayload, KVLayout
 from workers.vllm_engine.config import VLLMConfigError, VLLMEngineConfig
 from workers.vllm_engine.hub import ExportJob, ImportJob, drop_hub, new_hub
@@ -129,17 +130,7 @@ class VLLMEngine:
 
     # ---- local requests ---------------------------------------------------------------------------
     def _check_prompt(self, ids: list[int]) -> list[int]:
-        ids = list(ids)
-        if not ids:
-            raise InvalidRequest("the prompt is empty; give at least one token")
-        vocab = self.model_config.vocab_size
-        for t in ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                raise InvalidRequest(f"prompt token id {t!r} is outside the vocabulary [0, {vocab})")
-        if len(ids) >= self.max_model_len:
-            raise PromptTooLong(f"prompt has {len(ids)} tokens; this engine's context is {self.max_model_len} "
-                                f"tokens (prompt + generated), so a prompt may have at most {self.max_model_len - 1}")
-        return ids
+        return check_prompt(ids, self.model_config.vocab_size, self.max_model_len)
 
     def _check_new_id(self, request_id: str) -> None:
         if request_id in self._live or request_id in self.hub.imports or request_id in self.hub.exports:
