@@ -326,8 +326,9 @@ class DecodeWorker:
                         box.finish = out.finish_reason
                 if outs:
                     self._cv.notify_all()
-            if not outs:
-                time.sleep(0.001)
+            # Outside the lock, give way: a thread releasing a lock and taking it straight back starves
+            # the actor methods waiting on it (cancel, reserve, telemetry) until the batch drains.
+            time.sleep(0 if outs else 0.001)
 
     # ---- telemetry, leaks, shutdown ---------------------------------------------------------------
     def telemetry(self) -> dict[str, Any]:
