@@ -21,17 +21,23 @@ def specs():
     yield "rms_norm_quant", quant._rms_norm_kernel, {
         "x_ptr": bf, "res_ptr": bf, "res_out_ptr": bf, "w_ptr": bf, "out_ptr": f8, "scale_ptr": f32,
         "D": "i32", "stride_x": "i32", "stride_r": "i32", "stride_ro": "i32", "stride_o": "i32", "eps": "fp32",
-    }, {"HAS_RES": True, "QUANT": True, "FP8_MAX": 448.0, "AMAX_MIN": 1e-12, "BLOCK_D": 1024}
+    }, {"HAS_RES": True, "QUANT": True, "FP8_MAX": 448.0, "AMAX_MIN": 1e-12, "BLOCK_D": 1024,
+          "TRIGGER": False}
+    yield "rms_norm_quant_trigger", quant._rms_norm_kernel, {
+        "x_ptr": bf, "res_ptr": bf, "res_out_ptr": bf, "w_ptr": bf, "out_ptr": f8, "scale_ptr": f32,
+        "D": "i32", "stride_x": "i32", "stride_r": "i32", "stride_ro": "i32", "stride_o": "i32", "eps": "fp32",
+    }, {"HAS_RES": True, "QUANT": True, "FP8_MAX": 448.0, "AMAX_MIN": 1e-12, "BLOCK_D": 1024, "TRIGGER": True}
     yield "rms_norm_bf16", quant._rms_norm_kernel, {
         "x_ptr": bf, "res_ptr": bf, "res_out_ptr": bf, "w_ptr": bf, "out_ptr": bf, "scale_ptr": bf,
         "D": "i32", "stride_x": "i32", "stride_r": "i32", "stride_ro": "i32", "stride_o": "i32", "eps": "fp32",
-    }, {"HAS_RES": False, "QUANT": False, "FP8_MAX": 1.0, "AMAX_MIN": 1e-12, "BLOCK_D": 1024}
+    }, {"HAS_RES": False, "QUANT": False, "FP8_MAX": 1.0, "AMAX_MIN": 1e-12, "BLOCK_D": 1024,
+          "TRIGGER": False}
     yield "silu_mul_quant", quant._silu_mul_kernel, {
         "gu_ptr": bf, "out_ptr": f8, "scale_ptr": f32, "N_INTER": "i32", "stride_gu": "i32", "stride_o": "i32",
-    }, {"QUANT": True, "FP8_MAX": 448.0, "AMAX_MIN": 1e-12, "BLOCK_I": 2048}
+    }, {"QUANT": True, "FP8_MAX": 448.0, "AMAX_MIN": 1e-12, "BLOCK_I": 2048, "TRIGGER": False}
     yield "quantize_per_token", quant._quant_kernel, {
         "x_ptr": bf, "out_ptr": f8, "scale_ptr": f32, "D": "i32", "stride_x": "i32", "stride_o": "i32",
-    }, {"FP8_MAX": 448.0, "AMAX_MIN": 1e-12, "BLOCK_D": 1024}
+    }, {"FP8_MAX": 448.0, "AMAX_MIN": 1e-12, "BLOCK_D": 1024, "TRIGGER": False}
     kv_args = {
         "k_ptr": bf, "v_ptr": bf, "slot_ptr": "*i64", "kc_ptr": f8, "vc_ptr": f8, "ks_ptr": f32, "vs_ptr": f32,
         **{n: "i32" for n in ("H", "D", "block_size", "stride_kt", "stride_kh", "stride_vt", "stride_vh",
@@ -80,10 +86,18 @@ def specs():
         "a_ptr": f8, "as_ptr": f32, "w_ptr": f8, "ws_ptr": f32, "c_ptr": bf,
         **{n: "i32" for n in ("M", "N", "K", "stride_am", "stride_wn", "stride_cm")},
     }, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "EVEN_K": True}
-    yield "thin_gemm", gemm._thin_kernel, {
+    thin_args = {
         "x_ptr": f8, "xs_ptr": f32, "w_ptr": f8, "ws_ptr": f32, "c_ptr": bf, "part_ptr": f32,
         **{n: "i32" for n in ("M", "N", "K", "stride_xm", "stride_wn", "stride_cm", "k_per_split")},
-    }, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "PARTIAL": True, "EVEN_K": False}
+    }
+    yield "thin_gemm", gemm._thin_kernel, thin_args, {
+        "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "PARTIAL": True, "EVEN_K": False, "PDL": False}
+    yield "thin_gemm_pdl", gemm._thin_kernel, thin_args, {
+        "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "PARTIAL": False, "EVEN_K": True, "PDL": True}
+    yield "thin_gemm_tma", gemm._thin_tma_kernel, {
+        "x_desc": "tensordesc<fp8e4nv[16, 64]>", "xs_ptr": f32, "w_desc": "tensordesc<fp8e4nv[64, 64]>",
+        "ws_ptr": f32, "c_ptr": bf, **{n: "i32" for n in ("M", "N", "K", "stride_cm")},
+    }, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "PDL": True}
     yield "splitk_reduce", gemm._splitk_reduce_kernel, {
         "part_ptr": f32, "xs_ptr": f32, "ws_ptr": f32, "c_ptr": bf, "M": "i32", "N": "i32", "stride_cm": "i32",
     }, {"SPLIT_K": 4, "BLOCK": 1024}
@@ -103,6 +117,8 @@ def main(archs: list[int]) -> int:
             signature[k] = "constexpr"
         ordered = {a: signature[a] for a in fn.arg_names}
         for arch in archs:
+            if (consts.get("PDL") or consts.get("TRIGGER")) and arch < 90:
+                continue  # PDL (and the TMA thin GEMM) are sm_90+; the wrappers never ask for them below
             src = ASTSource(fn=fn, signature=ordered, constexprs=consts)
             try:
                 k = triton.compile(src, target=GPUTarget("cuda", arch, 32))
@@ -112,7 +128,9 @@ def main(archs: list[int]) -> int:
             ptx = k.asm.get("ptx", "")
             mma = "wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else "-"
             local = ptx.count("ld.local") + ptx.count("st.local")
-            print(f"ok {name} sm_{arch} shared={k.metadata.shared} mma={mma} local_ops={local}")
+            gdc = "wait" if "griddepcontrol.wait" in ptx else ""
+            gdc += "+launch" if "griddepcontrol.launch_dependents" in ptx else ""
+            print(f"ok {name} sm_{arch} shared={k.metadata.shared} mma={mma} local_ops={local} gdc={gdc or '-'}")
     return 0
 
 

@@ -22,11 +22,16 @@ def _operands(M, N, K, dev, gen, fp8=torch.float8_e4m3fn):
 def test_thin_gemm_configs(dev, gen):
     if dev == "cpu":
         cases = [((5, 200, 320), ThinConfig(16, 64, 64, 1)), ((33, 130, 256), ThinConfig(32, 64, 64, 3)),
-                 ((1, 64, 192), ThinConfig(16, 64, 64, 2))]
+                 ((1, 64, 192), ThinConfig(16, 64, 64, 2)),
+                 # TMA tiles: M, N and K (320 = 2.5 x 128) not multiples of the tile; zeros arrive past the edges
+                 ((5, 200, 320), ThinConfig(16, 64, 128, 1, tma=True)), ((40, 70, 192), ThinConfig(64, 64, 64, 1, tma=True))]
     else:
         cases = [((M, N, K), ThinConfig(bm, bn, bk, sk))
                  for M, N, K in [(1, 6144, 4096), (7, 1000, 4096), (33, 4096, 14336), (100, 28672, 4096), (256, 4000, 4160)]
                  for bm, bn, bk, sk in [(16, 64, 256, 1), (64, 128, 128, 4), (32, 32, 256, 3)]]
+        cases += [((M, N, K), ThinConfig(64, 64, bk, 1, 4, st, tma=True))
+                  for M, N, K in [(64, 4096, 4096), (37, 28672, 4096), (64, 4096, 14336), (50, 1000, 4160)]
+                  for bk, st in [(256, 3), (256, 6), (128, 4)]]
     for (M, N, K), cfg in cases:
         a_q, a_s, w_q, w_s = _operands(M, N, K, dev, gen)
         out = thin_gemm(a_q, a_s, w_q, w_s, cfg=cfg)
@@ -81,3 +86,40 @@ def test_configs_shrink_to_smaller_shared_memory(monkeypatch):
     assert configs._fits(configs.gemm_config(1000, 4096, 4096))
     monkeypatch.setattr(configs, "_smem_bytes", lambda: 227 * 1024)
     assert configs.thin_config(64, 4096, 4096) == configs.THIN_TABLE[(4096, 4096)][2][1]  # unchanged on H100
+
+
+def test_fast_accum_and_pdl_switches(monkeypatch):
+    """FP8 GEMMs accumulate fast by default (TANDEM_FP8_FAST_ACCUM=0 turns it off); PDL never on CPU or when off."""
+    from workers.kernels import configs
+    from workers.kernels._common import pdl_enabled
+
+    monkeypatch.delenv("TANDEM_FP8_FAST_ACCUM", raising=False)
+    assert configs.fast_accum() is configs.FAST_ACCUM is True
+    for off in ("0", "false", "OFF", " no "):
+        monkeypatch.setenv("TANDEM_FP8_FAST_ACCUM", off)
+        assert configs.fast_accum() is False
+    monkeypatch.setenv("TANDEM_FP8_FAST_ACCUM", "1")
+    assert configs.fast_accum() is True
+    assert pdl_enabled(torch.device("cpu")) is False
+    monkeypatch.delenv("TANDEM_THIN_TMA", raising=False)
+    assert configs.thin_config(64, 4096, 4096).tma is True
+    monkeypatch.setenv("TANDEM_THIN_TMA", "0")
+    assert configs.thin_config(64, 4096, 4096) == configs.replace(configs.THIN_TABLE[(4096, 4096)][2][1], tma=False)
+    if torch.cuda.is_available():
+        monkeypatch.setenv("TANDEM_PDL", "0")
+        assert pdl_enabled(torch.device("cuda")) is False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_scaled_mm_fast_and_precise_accumulation_agree_with_reference(gen):
+    """cuBLASLt with and without fast accumulation, and the Triton tiles (always fast on sm_90), all stay
+    within 0.5% of the exact product of the FP8 operands on a long K (where accumulation error grows)."""
+    from workers.kernels.gemm import scaled_mm
+
+    for M, N, K in [(512, 4096, 14336), (4096, 1024, 4096)]:
+        a_q, a_s, w_q, w_s = _operands(M, N, K, "cuda", gen)
+        ref = R.scaled_mm_ref(a_q, a_s, w_q, w_s)
+        for fast in (True, False):
+            assert rel_err(scaled_mm(a_q, a_s, w_q, w_s, fast_accum=fast), ref) < 5e-3, (M, N, K, fast)
+        assert rel_err(triton_gemm(a_q, a_s, w_q, w_s), ref) < 5e-3, (M, N, K)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -29,6 +29,7 @@ class ThinConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 4
+    tma: bool = False  # tiles fetched by TMA descriptors (gemm._thin_tma_kernel; split_k must be 1)
 
 
 @dataclass(frozen=True)
@@ -45,24 +46,43 @@ GEMM_DEFAULT = GemmConfig()
 THIN_MAX_M = 256  # above this, prefill kernels
 
 
-def _t(bm: int, bn: int, bk: int, split: int, stages: int) -> ThinConfig:
-    return ThinConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=4, num_stages=stages)
+def _t(bm: int, bn: int, bk: int, split: int, stages: int, tma: bool = False) -> ThinConfig:
+    return ThinConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=4, num_stages=stages, tma=tma)
 
 
 # Measured winners on the H100 (benchmarks/kernels/h100-kernels-sweep-2026-11-22.json, `bench_kernels.py --sweep`),
-# keyed by (N, K), then by M bucket (upper bound inclusive). Llama-3.1-8B: qkv, o, gate_up, down.
+# keyed by (N, K), then by M bucket (upper bound inclusive). Llama-3.1-8B: qkv, o, gate_up, down. The TMA
+# configs of the 64 bucket: scripts/kernel_experiments/thin_tma.py (h100-thin-tma-2026-11-22.json; M=64:
+# o 9.99 -> 9.58 us, down 25.31 -> 24.47, gate_up 48.16 -> 44.56; qkv and M <= 16 were no faster).
 THIN_TABLE: dict[tuple[int, int], list[tuple[int, ThinConfig]]] = {
     (6144, 4096): [(16, _t(16, 64, 256, 1, 6)), (32, _t(32, 64, 256, 1, 4)), (64, _t(64, 64, 256, 1, 4)),
                    (128, _t(128, 64, 256, 1, 4)), (256, _t(128, 64, 128, 1, 4))],
-    (4096, 4096): [(16, _t(16, 64, 256, 1, 6)), (32, _t(32, 64, 256, 1, 6)), (64, _t(64, 64, 256, 1, 6)),
+    (4096, 4096): [(16, _t(16, 64, 256, 1, 6)), (32, _t(32, 64, 256, 1, 6)), (64, _t(64, 64, 256, 1, 6, True)),
                    (256, _t(128, 64, 256, 1, 4))],
-    (28672, 4096): [(16, _t(16, 64, 256, 1, 4)), (32, _t(32, 64, 256, 1, 4)), (64, _t(64, 64, 256, 1, 6)),
+    (28672, 4096): [(16, _t(16, 64, 256, 1, 4)), (32, _t(32, 64, 256, 1, 4)), (64, _t(64, 64, 256, 1, 3, True)),
                     (256, _t(128, 128, 128, 1, 3))],
     (4096, 14336): [(8, _t(16, 64, 512, 1, 4)), (16, _t(16, 64, 256, 1, 6)), (32, _t(32, 64, 256, 1, 6)),
-                    (64, _t(64, 64, 256, 1, 6)), (128, _t(128, 64, 256, 2, 4)), (256, _t(128, 64, 256, 1, 4))],
+                    (64, _t(64, 64, 256, 1, 6, True)), (128, _t(128, 64, 256, 2, 4)), (256, _t(128, 64, 256, 1, 4))],
 }
 # Shapes where cuBLASLt (torch._scaled_mm) beat the thin kernel from this M on (same sweep).
 SCALED_MM_FROM_M: dict[tuple[int, int], int] = {(6144, 4096): 129, (28672, 4096): 129}
+
+
+# FP8 GEMM accumulation. On sm_90 the FP8 tensor-core instructions accumulate with a reduced-precision
+# adder; cuBLASLt by default promotes the partial sums to float32 every few K steps, which costs time, while
+# Triton's FP8 dots on sm_90 never promote (its `max_num_imprecise_acc` default). Measured on the H100
+# (benchmarks/kernels/h100-fast-accum-2026-11-22.json, 8192 tokens): cuBLASLt row-wise FP8 with fast
+# accumulation 1503 vs 1244 TFLOPS (14336x4096), 1411 vs 1254 (gate_up 28672x4096), 1381 vs 1180 (qkv),
+# 1316 vs 1263 (down), 1193 vs 1187 (o); error against a float64 product of the same FP8 operands 0.21-0.33%
+# vs 0.17% precise, where the FP8 quantization itself is 3.75% off the bf16 product. So Tandem's FP8 linears
+# use fast accumulation (as vLLM's FP8 CUTLASS kernels do); TANDEM_FP8_FAST_ACCUM=0 turns it off.
+FAST_ACCUM = True
+
+
+def fast_accum() -> bool:
+    """Whether cuBLASLt FP8 GEMMs skip the periodic float32 promotion (FAST_ACCUM; TANDEM_FP8_FAST_ACCUM)."""
+    env = os.environ.get("TANDEM_FP8_FAST_ACCUM")
+    return FAST_ACCUM if env is None else env.strip().lower() not in ("0", "false", "no", "off")
 
 
 def _smem_bytes() -> int:
@@ -92,9 +112,12 @@ SMALL_SMEM_GEMM = GemmConfig(block_m=128, block_n=128, block_k=64, group_m=8, nu
 
 def thin_config(M: int, N: int, K: int) -> ThinConfig:
     """The measured config for (N, K) and M's bucket, else the sweep's usual winner; shrunk to fit the
-    GPU's shared memory (configs were measured on the H100; smaller GPUs get fewer stages / shorter K)."""
+    GPU's shared memory (configs were measured on the H100; smaller GPUs get fewer stages / shorter K).
+    TANDEM_THIN_TMA=0 runs the TMA configs with pointer loads instead (for A/B measurements)."""
     for m_max, cfg in THIN_TABLE.get((N, K), []):
         if m_max >= M:
+            if cfg.tma and os.environ.get("TANDEM_THIN_TMA", "1").strip().lower() in ("0", "false", "no", "off"):
+                cfg = replace(cfg, tma=False)
             return cfg if _fits(cfg) else _shrink(cfg)
     # Unmeasured shape: no split-K (the reduction launch costs more than it gains on Llama shapes).
     block_m = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
@@ -105,9 +128,9 @@ def thin_config(M: int, N: int, K: int) -> ThinConfig:
 def _shrink(cfg: ThinConfig) -> ThinConfig:
     """Fewer stages, then a shorter K step, until the config fits this GPU's shared memory."""
     while not _fits(cfg) and cfg.num_stages > 2:
-        cfg = ThinConfig(cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages - 1)
+        cfg = replace(cfg, num_stages=cfg.num_stages - 1)
     while not _fits(cfg) and cfg.block_k > 64:
-        cfg = ThinConfig(cfg.block_m, cfg.block_n, cfg.block_k // 2, cfg.split_k, cfg.num_warps, cfg.num_stages)
+        cfg = replace(cfg, block_k=cfg.block_k // 2)
     return cfg
 
 

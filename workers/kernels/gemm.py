@@ -19,8 +19,13 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # host-side TMA descriptors (triton >= 3.4); without them the pointer kernel serves every config
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton
+    TensorDescriptor = None
+
 from workers.kernels import configs
-from workers.kernels._common import FP8_MAX, check, check_same_device
+from workers.kernels._common import FP8_MAX, _capability, check, check_same_device, pdl_enabled
 
 
 @triton.jit
@@ -71,8 +76,11 @@ def _thin_kernel(
     x_ptr, xs_ptr, w_ptr, ws_ptr, c_ptr, part_ptr, M, N, K, stride_xm, stride_wn, stride_cm,
     k_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTIAL: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    EVEN_K: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # launched early (PDL): let the next kernel launch, then wait for the producer of x
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -108,6 +116,34 @@ def _thin_kernel(
         # partials: [SPLIT_K, M, N] float32
         base = part_ptr + pid_k.to(tl.int64) * M * N
         tl.store(base + offs_m[None, :].to(tl.int64) * N + offs_n[:, None], acc, mask=cmask)
+
+
+@triton.jit
+def _thin_tma_kernel(
+    x_desc, xs_ptr, w_desc, ws_ptr, c_ptr, M, N, K, stride_cm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+):
+    """The thin GEMM with its tiles fetched by TMA (one thread issues each bulk copy; rows past M and columns
+    past K arrive as zeros). No split-K. Measured faster than pointer loads at M = 33..64 (configs.py)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    n0 = tl.program_id(0) * BLOCK_N
+    m0 = tl.program_id(1) * BLOCK_M
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for k in tl.range(0, K, BLOCK_K):
+        w = w_desc.load([n0, k])  # [BLOCK_N, BLOCK_K]
+        x = x_desc.load([m0, k])  # [BLOCK_M, BLOCK_K]
+        acc = tl.dot(w, tl.trans(x), acc)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    nmask = offs_n < N
+    mmask = offs_m < M
+    x_sc = tl.load(xs_ptr + offs_m, mask=mmask, other=0.0)
+    w_sc = tl.load(ws_ptr + offs_n, mask=nmask, other=0.0)
+    out = acc * w_sc[:, None] * x_sc[None, :]
+    tl.store(c_ptr + offs_m[None, :].to(tl.int64) * stride_cm + offs_n[:, None], out.to(c_ptr.dtype.element_ty),
+             mask=nmask[:, None] & mmask[None, :])
 
 
 @triton.jit
@@ -162,6 +198,16 @@ def thin_gemm(a_q, a_scale, w_q, w_scale, out_dtype=torch.bfloat16, cfg: configs
     out = torch.empty(M, N, dtype=out_dtype, device=a_q.device)
     if M == 0 or N == 0:
         return out
+    pdl = pdl_enabled(a_q.device)
+    if cfg.tma and cfg.split_k == 1 and _tma_ok(a_q, w_q):
+        x_desc = TensorDescriptor.from_tensor(a_q, [cfg.block_m, cfg.block_k])
+        w_desc = TensorDescriptor.from_tensor(w_q, [cfg.block_n, cfg.block_k])
+        _thin_tma_kernel[(triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m))](
+            x_desc, a_scale, w_desc, w_scale, out, M, N, K, out.stride(0),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PDL=pdl,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"launch_pdl": True} if pdl else {}),
+        )
+        return out
     bk = cfg.block_k
     k_per_split = triton.cdiv(triton.cdiv(K, cfg.split_k), bk) * bk
     split = triton.cdiv(K, k_per_split)
@@ -171,7 +217,7 @@ def thin_gemm(a_q, a_scale, w_q, w_scale, out_dtype=torch.bfloat16, cfg: configs
     _thin_kernel[grid](
         a_q, a_scale, w_q, w_scale, out, part, M, N, K, a_q.stride(0), w_q.stride(0), out.stride(0),
         k_per_split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, PARTIAL=split > 1, EVEN_K=even,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"launch_pdl": True} if pdl else {}),
     )
     if split > 1:
         block = 1024
@@ -181,9 +227,23 @@ def thin_gemm(a_q, a_scale, w_q, w_scale, out_dtype=torch.bfloat16, cfg: configs
     return out
 
 
-def scaled_mm(a_q, a_scale, w_q, w_scale, out_dtype=torch.bfloat16):
-    """torch._scaled_mm with row-wise scales (CUDA: cuBLASLt; needs M, N, K multiples of 16)."""
-    return torch._scaled_mm(a_q, w_q.t(), scale_a=a_scale[:, None], scale_b=w_scale[None, :], out_dtype=out_dtype)
+def _tma_ok(a_q: torch.Tensor, w_q: torch.Tensor) -> bool:
+    """TMA needs host descriptors, a Hopper-class GPU (or the interpreter), 16-byte aligned bases and row
+    strides (fp8: K a multiple of 16); otherwise the pointer kernel runs the same config."""
+    if TensorDescriptor is None or (a_q.is_cuda and _capability(a_q.device.index or 0) < 9):
+        return False
+    return all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in (a_q, w_q))
+
+
+def scaled_mm(a_q, a_scale, w_q, w_scale, out_dtype=torch.bfloat16, fast_accum: bool | None = None):
+    """torch._scaled_mm with row-wise scales (CUDA: cuBLASLt; needs M, N, K multiples of 16).
+
+    fast_accum (default `configs.fast_accum()`) lets the FP8 tensor cores accumulate without cuBLASLt's
+    periodic promotion to float32 — what the Triton kernels do on sm_90 by default — see configs.FAST_ACCUM.
+    """
+    fast = configs.fast_accum() if fast_accum is None else fast_accum
+    return torch._scaled_mm(a_q, w_q.t(), scale_a=a_scale[:, None], scale_b=w_scale[None, :], out_dtype=out_dtype,
+                            use_fast_accum=fast)
 
 
 def fp8_linear(

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from workers.kernels._common import AMAX_FLOOR, check, check_same_device, fp8_max, next_pow2
+from workers.kernels._common import AMAX_FLOOR, check, check_same_device, fp8_max, next_pow2, pdl_enabled
 
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -38,8 +38,10 @@ def _rms_norm_kernel(
     x_ptr, res_ptr, res_out_ptr, w_ptr, out_ptr, scale_ptr,
     D, stride_x, stride_r, stride_ro, stride_o, eps,
     HAS_RES: tl.constexpr, QUANT: tl.constexpr, FP8_MAX: tl.constexpr, AMAX_MIN: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, TRIGGER: tl.constexpr,
 ):
+    if TRIGGER:  # the consumer (an FP8 GEMM launched with PDL) may launch now; it waits for our writes
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
     mask = offs < D
@@ -63,7 +65,10 @@ def _rms_norm_kernel(
 def _silu_mul_kernel(
     gu_ptr, out_ptr, scale_ptr, N_INTER, stride_gu, stride_o,
     QUANT: tl.constexpr, FP8_MAX: tl.constexpr, AMAX_MIN: tl.constexpr, BLOCK_I: tl.constexpr,
+    TRIGGER: tl.constexpr,
 ):
+    if TRIGGER:
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_I)
     mask = offs < N_INTER
@@ -80,8 +85,10 @@ def _silu_mul_kernel(
 @triton.jit
 def _quant_kernel(
     x_ptr, out_ptr, scale_ptr, D, stride_x, stride_o,
-    FP8_MAX: tl.constexpr, AMAX_MIN: tl.constexpr, BLOCK_D: tl.constexpr,
+    FP8_MAX: tl.constexpr, AMAX_MIN: tl.constexpr, BLOCK_D: tl.constexpr, TRIGGER: tl.constexpr,
 ):
+    if TRIGGER:
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
     mask = offs < D
@@ -142,7 +149,7 @@ def rms_norm_quant(
             x2, r2, res_out, weight, out, scale if scale is not None else out,
             D, x2.stride(0), r2.stride(0), res_out.stride(0), out.stride(0), float(eps),
             HAS_RES=residual is not None, QUANT=scale is not None, FP8_MAX=fmax, AMAX_MIN=AMAX_FLOOR,
-            BLOCK_D=block, num_warps=_warps(block),
+            BLOCK_D=block, TRIGGER=pdl_enabled(x2.device), num_warps=_warps(block),
         )
     new_res = res_out.reshape(x.shape) if residual is not None else None
     return out.reshape(*lead, D), (scale.reshape(lead) if scale is not None else None), new_res
@@ -160,7 +167,8 @@ def silu_mul_quant(
         block = next_pow2(inter)
         _silu_mul_kernel[(M,)](
             g2, out, scale if scale is not None else out, inter, g2.stride(0), out.stride(0),
-            QUANT=scale is not None, FP8_MAX=fmax, AMAX_MIN=AMAX_FLOOR, BLOCK_I=block, num_warps=_warps(block),
+            QUANT=scale is not None, FP8_MAX=fmax, AMAX_MIN=AMAX_FLOOR, BLOCK_I=block,
+            TRIGGER=pdl_enabled(g2.device), num_warps=_warps(block),
         )
     lead = gate_up.shape[:-1]
     return out.reshape(*lead, inter), (scale.reshape(lead) if scale is not None else None)
@@ -175,6 +183,7 @@ def quantize_per_token(x: torch.Tensor, fp8_dtype: torch.dtype) -> tuple[torch.T
         block = next_pow2(D)
         _quant_kernel[(M,)](
             x2, out, scale, D, x2.stride(0), out.stride(0),
-            FP8_MAX=fmax, AMAX_MIN=AMAX_FLOOR, BLOCK_D=block, num_warps=_warps(block),
+            FP8_MAX=fmax, AMAX_MIN=AMAX_FLOOR, BLOCK_D=block, TRIGGER=pdl_enabled(x2.device),
+            num_warps=_warps(block),
         )
     return out.reshape(x.shape), scale.reshape(x.shape[:-1])
