@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,7 @@ class WorkerSpec:
     deadline_s: float = 60.0
     idle_wait_s: float = 0.02  # the engine loop's wait when there is nothing to step
     kv_bind_host: str | None = None  # KV server address; None = this Ray node's IP (127.0.0.1 locally)
+    kv_port_range: tuple[int, int] | None = None  # [first, last] ports for the KV receiver; None = ephemeral
 
 
 def kv_bind_host(spec: WorkerSpec) -> str:
@@ -65,6 +67,32 @@ def kv_bind_host(spec: WorkerSpec) -> str:
     except ImportError:
         pass
     return "127.0.0.1"
+
+
+def start_kv_server(make: Callable[[int, int], Any], port_range: tuple[int, int] | None, who: str) -> Any:
+    """Build and start a KV receiver: `make(port, data_port)` → an unstarted KVTransferServer.
+
+    Without a range both ports are ephemeral. With [first, last] the receiver takes the first pair of
+    consecutive free ports in it (gRPC on p, the data plane on p + 1; under TLS the data plane is off and
+    p + 1 is left alone), so that a firewall opens one known range for every decode worker of a node.
+    Raises WorkerError naming the range when no pair in it can be bound."""
+    if port_range is None:
+        server = make(0, 0)
+        server.start()
+        return server
+    first, last = port_range
+    errors = 0
+    for port in range(first, last):
+        server = make(port, port + 1)
+        try:
+            server.start()
+        except (OSError, RuntimeError):  # taken (grpc raises RuntimeError or returns port 0 → OSError)
+            server.stop(0)  # nothing is left listening or running from the failed try
+            errors += 1
+            continue
+        return server
+    raise WorkerError(f"{who}: no two consecutive free ports for the KV receiver in port_range "
+                      f"[{first}, {last}] ({errors} tried); widen kv_transport.port_range")
 
 
 def _native_engine(spec: WorkerSpec) -> Any:
@@ -167,11 +195,14 @@ class DecodeWorker:
 
             if not spec.auth_token:
                 raise WorkerError(f"{spec.worker_id}: the gRPC KV transport needs an auth token")
-            self.server = KVTransferServer(
-                _LockedSink(self), self._on_complete, auth_token=spec.auth_token, host=kv_bind_host(spec), port=0,
-                tls=tls_config(spec), default_lease_s=spec.lease_s, on_failure=self._on_failure,
-            )
-            self.server.start()
+            def make(port: int, data_port: int) -> Any:
+                return KVTransferServer(
+                    _LockedSink(self), self._on_complete, auth_token=spec.auth_token, host=kv_bind_host(spec),
+                    port=port, data_port=data_port, tls=tls_config(spec), default_lease_s=spec.lease_s,
+                    on_failure=self._on_failure,
+                )
+
+            self.server = start_kv_server(make, spec.kv_port_range, spec.worker_id)
         self._loop = threading.Thread(target=self._run, name=f"engine-{spec.worker_id}", daemon=True)
         self._loop.start()
 

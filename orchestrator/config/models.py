@@ -247,6 +247,19 @@ class KVTransportConfig(_Frozen):
     link: str | None = Field(
         default=None, description="key into the hardware catalog's links (prefill→decode); None = its default"
     )
+    port_range: tuple[int, int] | None = Field(
+        default=None,
+        description="[first, last] TCP ports a decode worker's KV receiver may listen on (its gRPC port and, "
+        "without TLS, its data-plane port: the first two free ones in the range, for firewalls); "
+        "None = ephemeral ports",
+    )
+
+    @field_validator("port_range")
+    @classmethod
+    def _ports(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and not 1024 <= v[0] < v[1] <= 65535:
+            raise ValueError(f"port_range must be [first, last] with 1024 <= first < last <= 65535, got {list(v)}")
+        return v
 
 
 class FrontendConfig(_Frozen):

@@ -93,7 +93,7 @@ def worker_specs(config: TandemConfig, auth_token: str) -> list[Any]:
                 accelerator=pool.placement.accelerator_type, model=config.model.path or config.model.name,
                 engine=pool.engine.kind.value, engine_kwargs=engine_kwargs(config, pool), kv_kind=kv.kind.value,
                 auth_token=auth_token,
-                tls=tls, lease_s=kv.lease_s, deadline_s=kv.deadline_s,
+                tls=tls, lease_s=kv.lease_s, deadline_s=kv.deadline_s, kv_port_range=kv.port_range,
             ))
     return sorted(specs, key=lambda s: s.worker_id)
 

@@ -172,6 +172,9 @@ def test_minimal_config_takes_defaults():
         ({"pools": [{"name": "p", "role": "prefill", "hardware": "cpu"}]}, "pools"),
         ({"kv_transport": {"kind": "carrier-pigeon"}}, "kv_transport.kind"),
         ({"kv_transport": {"tls": {"cert_path": "/c"}}}, "kv_transport.tls.key_path"),
+        ({"kv_transport": {"port_range": [50100, 50100]}}, "kv_transport.port_range"),  # needs two ports
+        ({"kv_transport": {"port_range": [80, 90]}}, "kv_transport.port_range"),  # privileged
+        ({"kv_transport": {"port_range": [50100]}}, "kv_transport.port_range[1]"),
     ],
 )
 def test_each_rule_names_its_path(over, path):

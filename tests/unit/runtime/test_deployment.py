@@ -36,6 +36,7 @@ def test_one_spec_per_replica_with_overrides():
     dec = [s for s in worker_specs(cfg, "token-123456789") if s.role is Role.DECODE]
     assert dec and all(s.engine_kwargs["block_size"] == 128 for s in dec)
     assert dec[0].tls is not None and dec[0].tls["cert_chain_path"]
+    assert all(s.kv_port_range == (50100, 50199) for s in dec)  # kv_transport.port_range reaches the workers
 
 
 def test_disaggregated_needs_grpc():

@@ -102,3 +102,59 @@ def test_reserve_beyond_capacity_is_a_typed_error(workers):
         d.reserve("big3", lay, 200, SamplingParams(max_tokens=50))
     assert d.cancel("big1") and d.cancel("big2") and not d.cancel("big3")
     assert d.check_leaks() is None
+
+
+def _free_run(n: int) -> int:
+    """A first port of n consecutive ports that are free right now (bound and released)."""
+    import random
+    import socket
+
+    for _ in range(200):
+        base = random.randint(20000, 60000)
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise AssertionError("no free port run found")
+
+
+def test_kv_port_range_gives_each_decode_worker_its_own_ports_and_names_the_range_when_full(workers):
+    """kv_transport.port_range: each decode worker's KV receiver takes the first two free consecutive ports
+    of the range (gRPC, data plane); a taken port is skipped; a full range is a WorkerError naming it. A
+    remote prefill through such a worker works end to end."""
+    import socket
+
+    _, p = workers
+    base = _free_run(6)
+    squat = socket.create_server(("127.0.0.1", base))  # someone else holds the first port
+    made = []
+    try:
+        rng = (base, base + 5)
+        for i in range(2):
+            made.append(DecodeWorker(WorkerSpec(f"decode-r{i}", "decode", Role.DECODE, "cpu", engine_kwargs=KW,
+                                                auth_token=TOKEN, kv_port_range=rng, kv_bind_host="127.0.0.1")))
+        ports = [(w.server.port, w.server.data_port) for w in made]
+        assert ports == [(base + 1, base + 2), (base + 3, base + 4)], ports
+        with pytest.raises(TandemError, match=rf"port_range \[{base}, {base + 5}\]"):
+            DecodeWorker(WorkerSpec("decode-r2", "decode", Role.DECODE, "cpu", engine_kwargs=KW, auth_token=TOKEN,
+                                    kv_port_range=rng, kv_bind_host="127.0.0.1"))
+        d = made[1]
+        ids = d.encode("fixed ports")
+        s = SamplingParams(max_tokens=4, ignore_eos=True)
+        d.reserve("ranged", d.info()["kv_layout"], len(ids), s)
+        assert d.info()["kv_address"] == f"127.0.0.1:{base + 3}"
+        p.prefill_to("ranged", ids, s, d.info()["kv_address"])
+        assert len(_drain_all(d, "ranged")[0]) == 4
+    finally:
+        squat.close()
+        for w in made:
+            assert w.check_leaks() is None
+            w.shutdown()
