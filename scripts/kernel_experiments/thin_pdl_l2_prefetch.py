@@ -1,20 +1,12 @@
-# ruff: noqa: B007, B023, E401, E701, E702, E402, SIM115, UP031  (one-off H100 experiments, kept as they were run)
+# ruff: noqa: E402  (one-off H100 experiments; run from the repository root)
 """Experiment: programmatic dependent launch (PDL) + L2 weight prefetch for the thin FP8 GEMM."""
-import json
-import os
-import sys
-
 import torch
 import triton
 import triton.language as tl
+from _harness import LLAMA8B, ThinCase, save
 
-sys.path.insert(0, os.getcwd())
 from workers.kernels import configs
-from workers.kernels.benchmarking import Rotation, env_info, time_graph_ms
-from workers.kernels.quant import quantize_per_token
-from workers.kernels.reference import scaled_mm_ref
-
-F8 = torch.float8_e4m3fn
+from workers.kernels.benchmarking import Rotation, time_graph_ms
 
 
 @triton.jit
@@ -46,7 +38,7 @@ def thin_pdl(x_ptr, xs_ptr, w_ptr, ws_ptr, c_ptr, M, N, K, stride_xm, stride_wn,
     w_ptrs = w_ptr + wn[:, None].to(tl.int64) * stride_wn + (k_start + offs_k)[None, :]
     x_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + (k_start + offs_k)[:, None]
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for k in range(0, k_per_split, BLOCK_K):
+    for _k in range(0, k_per_split, BLOCK_K):
         w = tl.load(w_ptrs)
         x = tl.load(x_ptrs, mask=mmask[None, :], other=0.0)
         acc = tl.dot(w, x, acc)
@@ -98,32 +90,21 @@ def read_ceiling(nbytes, pdl):
 
 def main():
     rows = []
-    for (N, K) in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]:
+    for N, K in LLAMA8B:
         ceil = {p: read_ceiling(N * K, p) for p in (False, True)}
         for M in (1, 16, 32, 64):
-            cfg = configs.thin_config(M, N, K)
-            if cfg.split_k != 1:
-                cfg = configs.ThinConfig(cfg.block_m, cfg.block_n, cfg.block_k, 1, cfg.num_warps, cfg.num_stages)
-            def make():
-                w, ws = quantize_per_token(torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02, F8)
-                x, xs = quantize_per_token(torch.randn(M, K, device="cuda", dtype=torch.bfloat16), F8)
-                return x, xs, w, ws, torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
-            rot = Rotation(make, N * K)
-            x, xs, w, ws, out = rot._sets[0]
-            ref = scaled_mm_ref(x, xs, w, ws, torch.bfloat16).float()
+            cfg = configs.replace(configs.thin_config(M, N, K), split_k=1, tma=False)
+            case = ThinCase(N, K, M)
             row = dict(N=N, K=K, M=M, ceil_TBps=ceil[False], ceil_pdl_TBps=ceil[True])
             for name, pdl, pf in (("base", False, False), ("pdl", True, False), ("pdl_pf", True, True)):
-                run_thin(x, xs, w, ws, out, cfg, pdl, pf)
-                err = float((out.float() - ref).norm() / ref.norm())
-                t = time_graph_ms(lambda: run_thin(*rot(), cfg, pdl, pf), calls=max(rot.n, 16))
-                row[name + "_us"] = t * 1e3
-                row[name + "_TBps"] = N * K / t / 1e9
-                row[name + "_err"] = err
+                def run(*a, cfg=cfg, pdl=pdl, pf=pf):
+                    run_thin(*a, cfg, pdl, pf)
+                row[name + "_err"] = case.error(run)
+                us = case.time_us(run)
+                row[name + "_us"], row[name + "_TBps"] = us, N * K / us / 1e6
             rows.append(row)
             print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-    out = dict(env=env_info(), rows=rows)
-    os.makedirs(os.environ.get("OUT", "/tmp"), exist_ok=True)
-    json.dump(out, open(os.path.join(os.environ.get("OUT", "/tmp"), "pdl_exp.json"), "w"), indent=1)
+    save("pdl_exp.json", rows)
 
 
 if __name__ == "__main__":

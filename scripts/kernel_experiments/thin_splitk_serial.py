@@ -1,21 +1,11 @@
-# ruff: noqa: B007, B023, E401, E701, E702, E402, SIM115, UP031  (one-off H100 experiments, kept as they were run)
+# ruff: noqa: E402  (one-off H100 experiments; run from the repository root)
 """Experiment: thin FP8 GEMM with in-kernel (serial) split-K reduction + PDL."""
 import itertools
-import json
-import os
-import sys
 
 import torch
 import triton
 import triton.language as tl
-
-sys.path.insert(0, os.getcwd())
-from workers.kernels.benchmarking import Rotation, env_info, read_ceiling_tbps, time_graph_ms
-from workers.kernels.gemm import thin_gemm
-from workers.kernels.quant import quantize_per_token
-from workers.kernels.reference import scaled_mm_ref
-
-F8 = torch.float8_e4m3fn
+from _harness import LLAMA8B, ThinCase, save, sweep
 
 
 @triton.jit
@@ -37,7 +27,7 @@ def thin_sk(x_ptr, xs_ptr, w_ptr, ws_ptr, c_ptr, part_ptr, cnt_ptr, M, N, K, str
     w_ptrs = w_ptr + wn[:, None].to(tl.int64) * stride_wn + (k_start + offs_k)[None, :]
     x_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + (k_start + offs_k)[:, None]
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for k in range(0, k_per_split, BLOCK_K):
+    for _k in range(0, k_per_split, BLOCK_K):
         w = tl.load(w_ptrs)
         x = tl.load(x_ptrs, mask=mmask[None, :], other=0.0)
         acc = tl.dot(w, x, acc)
@@ -82,44 +72,19 @@ def run_sk(x, xs, w, ws, out, part, bm, bn, bk, split, stages, pdl):
 
 def main():
     rows = []
-    best = {}
-    for (N, K) in [(4096, 4096), (6144, 4096), (4096, 14336), (28672, 4096)]:
-        ceil = read_ceiling_tbps(N * K)
+    for N, K in LLAMA8B:
         for M in (1, 16, 32, 64):
-            def make():
-                w, ws = quantize_per_token(torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02, F8)
-                x, xs = quantize_per_token(torch.randn(M, K, device="cuda", dtype=torch.bfloat16), F8)
-                return x, xs, w, ws, torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
-            rot = Rotation(make, N * K)
-            x, xs, w, ws, out = rot._sets[0]
-            ref = scaled_mm_ref(x, xs, w, ws, torch.bfloat16).float()
-            t0 = time_graph_ms(lambda: thin_gemm(*rot()[:4]), calls=max(rot.n, 16))
+            case = ThinCase(N, K, M)
             bm = max(16, triton.next_power_of_2(M))
-            splits = (1, 2, 4) if N <= 8192 else (1, 2)
-            for split, bk, stages, pdl in itertools.product(splits, (128, 256), (4, 6), (False, True)):
-                if K % (split * bk):
-                    continue
-                part = torch.empty(split, M, N, device="cuda", dtype=torch.float32)
-                try:
-                    run_sk(x, xs, w, ws, out, part, bm, 64, bk, split, stages, pdl)
-                    err = float((out.float() - ref).norm() / ref.norm())
-                    t = time_graph_ms(lambda: run_sk(*rot(), part, bm, 64, bk, split, stages, pdl), calls=max(rot.n, 16))
-                except Exception as e:  # noqa
-                    print("fail", N, K, M, split, bk, stages, pdl, type(e).__name__, str(e)[:200])
-                    continue
-                r = dict(N=N, K=K, M=M, split=split, bk=bk, stages=stages, pdl=pdl, us=t * 1e3, TBps=N * K / t / 1e9,
-                         tflops=2 * M * N * K / t / 1e9, err=err, cur_us=t0 * 1e3, ceil_TBps=ceil)
-                rows.append(r)
-                k = (N, K, M)
-                if err < 0.01 and (k not in best or r["us"] < best[k]["us"]):
-                    best[k] = r
-            b = best[(N, K, M)]
-            print(f"N={N} K={K} M={M} current={t0*1e3:.2f}us ({N*K/t0/1e9:.2f} TB/s) best={b['us']:.2f}us "
-                  f"({b['TBps']:.2f} TB/s, {b['tflops']:.0f} TFLOPS) split={b['split']} bk={b['bk']} st={b['stages']} "
-                  f"pdl={b['pdl']} err={b['err']:.2g} ceil={ceil:.2f}", flush=True)
-            nopdl = min((r for r in rows if r["N"] == N and r["K"] == K and r["M"] == M and not r["pdl"] and r["err"] < 0.01), key=lambda r: r["us"])
-            print(f"     best without pdl: {nopdl['us']:.2f}us split={nopdl['split']} bk={nopdl['bk']} st={nopdl['stages']}", flush=True)
-    json.dump(dict(env=env_info(), rows=rows), open(os.path.join(os.environ.get("OUT", "/tmp"), "splitk_exp.json"), "w"), indent=1)
+            variants = []
+            for split, bk, stages, pdl in itertools.product((1, 2, 4) if N <= 8192 else (1, 2), (128, 256), (4, 6),
+                                                            (False, True)):
+                if K % (split * bk) == 0:
+                    part = torch.empty(split, M, N, device="cuda", dtype=torch.float32)
+                    variants.append((dict(split=split, bk=bk, stages=stages, pdl=pdl),
+                                     lambda *a, p=part, m=bm, s=split, k=bk, st=stages, d=pdl: run_sk(*a, p, m, 64, k, s, st, d)))
+            sweep(case, variants, "split-K", rows)
+    save("splitk_exp.json", rows)
 
 
 if __name__ == "__main__":
