@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 sys.path.insert(0, os.getcwd())  # run from the repository root
 from workers.kernels.benchmarking import Rotation, env_info, time_graph_ms  # noqa: E402
@@ -53,6 +55,21 @@ class ThinCase:
         N, K, M = self.N, self.K, self.M
         return dict(N=N, K=K, M=M, **extra, us=us, TBps=N * K / us / 1e6, tflops=2 * M * N * K / us / 1e6,
                     current_us=self.current_us)
+
+
+def tma_runner(kernel: Any, bm: int, bn: int, bk: int, stages: int, warps: int, pdl: bool) -> Callable[..., None]:
+    """run(x, xs, w, ws, out) for a TMA thin kernel with the adopted kernel's signature
+    (x_desc, xs_ptr, w_desc, ws_ptr, c_ptr, M, N, K, stride_cm, BLOCK_M, BLOCK_N, BLOCK_K, PDL); grid (N/bn, M/bm)."""
+    def run(x: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, out: torch.Tensor) -> None:
+        M, K = x.shape
+        N = w.shape[0]
+        xd = TensorDescriptor.from_tensor(x, [bm, bk])
+        wd = TensorDescriptor.from_tensor(w, [bn, bk])
+        kw = {"launch_pdl": True} if pdl else {}
+        kernel[(triton.cdiv(N, bn), triton.cdiv(M, bm))](xd, xs, wd, ws, out, M, N, K, out.stride(0), BLOCK_M=bm,
+                                                         BLOCK_N=bn, BLOCK_K=bk, PDL=pdl, num_warps=warps,
+                                                         num_stages=stages, **kw)
+    return run
 
 
 def sweep(case: ThinCase, variants: Iterable[tuple[dict[str, Any], Callable[..., Any]]], label: str,

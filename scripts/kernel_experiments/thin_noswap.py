@@ -5,8 +5,7 @@ import itertools
 
 import triton
 import triton.language as tl
-from _harness import LLAMA8B, ThinCase, save, sweep
-from triton.tools.tensor_descriptor import TensorDescriptor
+from _harness import LLAMA8B, ThinCase, save, sweep, tma_runner
 
 
 @triton.jit
@@ -33,25 +32,12 @@ def thin_tma(x_desc, xs_ptr, w_desc, ws_ptr, c_ptr, M, N, K, stride_cm,
              mask=mmask[:, None] & nmask[None, :])
 
 
-def make_run(bm, bn, bk, stages, warps, pdl):
-    def run(x, xs, w, ws, out):
-        M, K = x.shape
-        N = w.shape[0]
-        xd = TensorDescriptor.from_tensor(x, [bm, bk])
-        wd = TensorDescriptor.from_tensor(w, [bn, bk])
-        kw = dict(launch_pdl=True) if pdl else {}
-        thin_tma[(triton.cdiv(N, bn), triton.cdiv(M, bm))](xd, xs, wd, ws, out, M, N, K, out.stride(0),
-                                                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PDL=pdl,
-                                                          num_warps=warps, num_stages=stages, **kw)
-    return run
-
-
 def main():
     rows = []
     for N, K in LLAMA8B:
         for M in (1, 16, 64):
             case = ThinCase(N, K, M)
-            variants = [(dict(bm=64, bn=bn, bk=bk, stages=st, warps=4), make_run(64, bn, bk, st, 4, True))
+            variants = [(dict(bm=64, bn=bn, bk=bk, stages=st, warps=4), tma_runner(thin_tma, 64, bn, bk, st, 4, True))
                         for bn, bk, st in itertools.product((16, 32, 64), (128, 256, 512), (3, 4, 6, 8))
                         if (bn + 64) * bk * st <= 220 * 1024]
             sweep(case, variants, "no-swap", rows)

@@ -1,50 +1,12 @@
 # ruff: noqa: E402  (one-off H100 experiments; run from the repository root)
-"""Experiment: the thin (swap-AB) FP8 GEMM with TMA descriptor loads (host descriptors) + PDL, vs the current kernel."""
+"""Experiment: the thin (swap-AB) FP8 GEMM with TMA descriptor loads (host descriptors) + PDL, vs the pointer kernel.
+(The kernel run here is the one adopted from it, workers.kernels.gemm._thin_tma_kernel.)"""
 import itertools
 
 import triton
-import triton.language as tl
-from _harness import LLAMA8B, ThinCase, save, sweep
-from triton.tools.tensor_descriptor import TensorDescriptor
+from _harness import LLAMA8B, ThinCase, save, sweep, tma_runner
 
-
-@triton.jit
-def thin_tma(x_desc, xs_ptr, w_desc, ws_ptr, c_ptr, M, N, K, stride_cm,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    n0 = pid_n * BLOCK_N
-    m0 = pid_m * BLOCK_M
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for k in tl.range(0, K, BLOCK_K):
-        w = w_desc.load([n0, k])
-        x = x_desc.load([m0, k])
-        acc = tl.dot(w, tl.trans(x), acc)
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    mmask = offs_m < M
-    nmask = offs_n < N
-    x_sc = tl.load(xs_ptr + offs_m, mask=mmask, other=0.0)
-    w_sc = tl.load(ws_ptr + offs_n, mask=nmask, other=0.0)
-    out = acc * w_sc[:, None] * x_sc[None, :]
-    tl.store(c_ptr + offs_m[None, :].to(tl.int64) * stride_cm + offs_n[:, None], out.to(c_ptr.dtype.element_ty),
-             mask=nmask[:, None] & mmask[None, :])
-
-
-def make_run(bm, bn, bk, stages, warps, pdl):
-    def run(x, xs, w, ws, out):
-        M, K = x.shape
-        N = w.shape[0]
-        xd = TensorDescriptor.from_tensor(x, [bm, bk])
-        wd = TensorDescriptor.from_tensor(w, [bn, bk])
-        kw = dict(launch_pdl=True) if pdl else {}
-        thin_tma[(triton.cdiv(N, bn), triton.cdiv(M, bm))](xd, xs, wd, ws, out, M, N, K, out.stride(0),
-                                                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PDL=pdl,
-                                                          num_warps=warps, num_stages=stages, **kw)
-    return run
+from workers.kernels.gemm import _thin_tma_kernel
 
 
 def main():
@@ -53,7 +15,7 @@ def main():
         for M in (1, 16, 64):
             case = ThinCase(N, K, M)
             bm = max(16, triton.next_power_of_2(M))
-            variants = [(dict(bm=bm, bn=bn, bk=bk, stages=st, warps=4), make_run(bm, bn, bk, st, 4, True))
+            variants = [(dict(bm=bm, bn=bn, bk=bk, stages=st, warps=4), tma_runner(_thin_tma_kernel, bm, bn, bk, st, 4, True))
                         for bn, bk, st in itertools.product((64, 128), (128, 256, 512), (3, 4, 6, 8))
                         if (bn + bm) * bk * st <= 220 * 1024]
             sweep(case, variants, "TMA", rows)

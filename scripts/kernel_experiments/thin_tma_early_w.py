@@ -5,8 +5,7 @@ import itertools
 
 import triton
 import triton.language as tl
-from _harness import LLAMA8B, ThinCase, save, sweep
-from triton.tools.tensor_descriptor import TensorDescriptor
+from _harness import LLAMA8B, ThinCase, save, sweep, tma_runner
 
 
 @triton.jit
@@ -37,26 +36,13 @@ def thin_tma(x_desc, xs_ptr, w_desc, ws_ptr, c_ptr, M, N, K, stride_cm,
              mask=nmask[:, None] & mmask[None, :])
 
 
-def make_run(bm, bn, bk, stages, warps, pdl):
-    def run(x, xs, w, ws, out):
-        M, K = x.shape
-        N = w.shape[0]
-        xd = TensorDescriptor.from_tensor(x, [bm, bk])
-        wd = TensorDescriptor.from_tensor(w, [bn, bk])
-        kw = dict(launch_pdl=True) if pdl else {}
-        thin_tma[(triton.cdiv(N, bn), triton.cdiv(M, bm))](xd, xs, wd, ws, out, M, N, K, out.stride(0),
-                                                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PDL=pdl,
-                                                          num_warps=warps, num_stages=stages, **kw)
-    return run
-
-
 def main():
     rows = []
     for N, K in LLAMA8B:
         for M in (1, 16, 64):
             case = ThinCase(N, K, M)
             bm = max(16, triton.next_power_of_2(M))
-            variants = [(dict(bm=bm, bn=64, bk=bk, stages=st, warps=4), make_run(bm, 64, bk, st, 4, True))
+            variants = [(dict(bm=bm, bn=64, bk=bk, stages=st, warps=4), tma_runner(thin_tma, bm, 64, bk, st, 4, True))
                         for bk, st in itertools.product((128, 256), (3, 4, 6))]
             sweep(case, variants, "early-W", rows)
     save("thin_tma_early_w.json", rows)
