@@ -344,18 +344,30 @@ def test_an_unreachable_data_port_falls_back_to_grpc(live):
     sink.assert_no_leaks()
 
 
-def test_an_error_while_framing_fails_the_transfer_and_frees_the_blocks(live, monkeypatch):
+@pytest.mark.parametrize("where", ["planner", "framer"])
+def test_an_error_while_framing_fails_the_transfer_and_frees_the_blocks(live, monkeypatch, where):
     import workers.kv_transfer.dataplane_client as dpc
     from workers.kv_transfer.errors import KVTransferError
+    from workers.kv_transfer.sender import ChunkSpec
 
-    real = dpc.iter_frame_parts
+    if where == "planner":  # splitting a payload into frames (the plan thread)
+        real = dpc.iter_chunk_specs
 
-    def parts_then_fail(rid, payload, *a, **kw):
-        if payload.layer == 1:
-            raise RuntimeError("framing broke")
-        return real(rid, payload, *a, **kw)
+        def specs_then_fail(rid, payload, *a, **kw):
+            if payload.layer == 1:
+                raise RuntimeError("framing broke")
+            return real(rid, payload, *a, **kw)
 
-    monkeypatch.setattr(dpc, "iter_frame_parts", parts_then_fail)
+        monkeypatch.setattr(dpc, "iter_chunk_specs", specs_then_fail)
+    else:  # checksumming a frame (one connection's framer thread)
+        real_parts = ChunkSpec.parts
+
+        def parts_then_fail(spec):
+            if spec.layer == 1:
+                raise RuntimeError("framing broke")
+            return real_parts(spec)
+
+        monkeypatch.setattr(ChunkSpec, "parts", parts_then_fail)
     srv, sink, rec = live
     srv.reserve("bad", LAYOUT, N)
     with KVTransferClient(srv.address, auth_token=TOKEN) as cl:

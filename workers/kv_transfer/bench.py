@@ -55,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stripes", default=None,
                         help="comma-separated connection counts of the data plane (default: the client's default)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per point; the median is reported")
-    parser.add_argument("--chunk-mib", type=float, default=2.0, help="gRPC chunk size")
+    parser.add_argument("--chunk-mib", type=float, default=None,
+                        help="payload MiB per frame (default: each transport's own, data plane 8, gRPC 2)")
     parser.add_argument("--layer-compute-ms", type=float, default=None,
                         help="simulated prefill compute per layer for the overlap measurement "
                              "(default: the time one layer takes to transfer, i.e. compute and transfer balanced)")
@@ -125,6 +126,7 @@ def _sections(p: KVLayerPayload) -> list[memoryview]:
 def _raw_receiver(lsock: socket.socket) -> None:
     def serve_one(conn: socket.socket) -> None:
         with conn:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as the data plane's sockets
             head = conn.recv(8, socket.MSG_WAITALL)
             if len(head) != 8:
                 return
@@ -218,6 +220,7 @@ def _raw_tcp_once(port: int, sections: list[memoryview], num_layers: int, stream
 
     def send_one(layers: int) -> None:
         with socket.create_connection(("127.0.0.1", port)) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as the data plane's sockets
             s.sendall(struct.pack(">Q", layers * sum(len(x) for x in sections)))
             for _ in range(layers):
                 for sec in sections:
@@ -308,7 +311,7 @@ def transport_label(data_stripes: int) -> str:
 
 
 def run_bench(shape_name: str, tokens: list[int], dtypes: list[KVDtype], streams: int = 1, repeat: int = 3,
-              chunk_bytes: int = 2 << 20, layer_compute_ms: float | None = None, overlap: bool = True,
+              chunk_bytes: int | None = None, layer_compute_ms: float | None = None, overlap: bool = True,
               transports: list[int] | None = None) -> dict[str, Any]:
     """Run every point; returns the JSON-able result (rows plus environment).
 
@@ -363,12 +366,13 @@ def _point(server, clients, raw_port, bare_channel, pids, shape, layout, kv_dtyp
            layer_compute_ms, overlap) -> list[dict[str, Any]]:
     """One (tokens, dtype) point, a row per transport; pids = (gRPC receiver process, raw receiver
     process) for CPU accounting."""
+    from workers.kv_transfer.client import DEFAULT_DATA_CHUNK_BYTES
     from workers.kv_transfer.fp8 import wire_dtype_of
-    from workers.kv_transfer.sender import encode_payload
+    from workers.kv_transfer.sender import DEFAULT_CHUNK_BYTES, encode_payload
 
     payload = synthetic_layer(shape, n, kv_dtype)
     sections = _sections(payload)
-    bare_frames = encode_payload("bare", payload, wire_dtype_of(kv_dtype), 0, chunk_bytes)
+    bare_frames = encode_payload("bare", payload, wire_dtype_of(kv_dtype), 0, chunk_bytes or DEFAULT_CHUNK_BYTES)
     nbytes = shape.num_layers * sum(len(s) for s in sections) * streams
     for t, client in clients.items():
         _grpc_once(server, client, layout, payload, kv_dtype, n, 1, chunk_bytes, f"warm-{n}-{t}")
@@ -412,12 +416,13 @@ def _point(server, clients, raw_port, bare_channel, pids, shape, layout, kv_dtyp
         common.update({"bare_grpc_s": b_s, "bare_grpc_gbps": nbytes / b_s / 1e9, "bare_grpc_over_raw": r_s / b_s,
                        "bare_grpc_runs_s": b_times, "bare_grpc_sender_cpu_s_per_gb": cpu["bare_grpc"][0] / gb,
                        "bare_grpc_receiver_cpu_s_per_gb": cpu["bare_grpc"][1] / gb})
-    common.update(stage_rates(layout, payload, kv_dtype, n, chunk_bytes))
+    common.update(stage_rates(layout, payload, kv_dtype, n, chunk_bytes or DEFAULT_DATA_CHUNK_BYTES))
     rows = []
     for t, client in clients.items():
         label, g = transport_label(t), kv_times[t]
         g_s = statistics.median(g)
-        row = {**common, "transport": label, "data_stripes": t, "kv_s": g_s, "kv_gbps": nbytes / g_s / 1e9,
+        row = {**common, "transport": label, "data_stripes": t, "kv_s": g_s,
+               "chunk_bytes": chunk_bytes or (DEFAULT_DATA_CHUNK_BYTES if t else DEFAULT_CHUNK_BYTES), "kv_gbps": nbytes / g_s / 1e9,
                "kv_over_raw": r_s / g_s, "kv_over_raw_paired": statistics.median([a / b for a, b in zip(r_times, g, strict=True)]),
                "kv_runs_s": g, "kv_sender_cpu_s_per_gb": cpu[label][0] / gb,
                "kv_receiver_cpu_s_per_gb": cpu[label][1] / gb}
@@ -479,7 +484,8 @@ def run(args: argparse.Namespace) -> int:
         print("tandem bench: --streams, --repeat and --tokens must be >= 1", file=sys.stderr)
         return 2
     result = run_bench(args.model_shape, tokens, dtypes, streams=args.streams, repeat=args.repeat,
-                       chunk_bytes=int(args.chunk_mib * (1 << 20)), layer_compute_ms=args.layer_compute_ms,
+                       chunk_bytes=int(args.chunk_mib * (1 << 20)) if args.chunk_mib else None,
+                       layer_compute_ms=args.layer_compute_ms,
                        overlap=not args.no_overlap, transports=transports)
     result["command"] = "tandem bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
     print(format_table(result))

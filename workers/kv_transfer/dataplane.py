@@ -17,14 +17,19 @@ data connection (docs/wire-format.md, "Data plane"):
 
 This module is the receiving side (`DataPlaneServer`, run by KVTransferServer); the codecs both
 sides share are in `dataplane_codec.py`, the sending side is `dataplane_client.DataPlaneStream`. Per
-transfer the server runs one reader thread per connection (`recv_into` fresh numpy buffers: no copy
-after the kernel's; then `decode_checked`: CRC32C and value checks) and one verifier thread applying
-the checked frames to `Session` in stream order through a `ReorderWindow`; a frame that failed its
-checks fails the stream when its position is reached, as on PushKV. The window holds at most `window_frames` frames; a reader whose next frame
-lies beyond it stops reading (TCP flow control then stops the sender); every held frame is charged to
-the receiver's `max_inflight_bytes` at OPEN. Nothing from the peer is trusted: token (constant time),
-sizes, positions (strictly increasing per connection, no duplicates) are checked before use; any
-failure ends the whole transfer with a typed error, frees its blocks, and closes every connection.
+transfer the server runs, per connection, a reader thread (`recv_into` a fresh numpy buffer: no copy
+after the kernel's) and a checker thread (`verify.decode_checked`: CRC32C and the NaN/Inf scan, fused
+in one pass), so receiving frame i+1 overlaps checking frame i and connections are checked in
+parallel (all of it releases the GIL); and one verifier thread applying the checked frames to
+`Session` in stream order through a `ReorderWindow`. A frame that failed its checks fails the stream
+when its position is reached, as on PushKV. The window spans `window_frames` positions (default 2
+per connection: one being received, one being checked); a reader whose next frame lies beyond it
+stops reading (TCP flow control then stops the sender). A buffer is allocated only once its position
+is inside the window, so at most window + 1 frames (the +1: the one being applied) are alive; that
+many are charged to the receiver's `max_inflight_bytes` at OPEN. Nothing from the peer is trusted:
+token (constant time), sizes, positions (strictly increasing per connection, no duplicates) are
+checked before use; any failure ends the whole transfer with a typed error, frees its blocks, and
+closes every connection.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import contextlib
 import enum
 import hmac
 import logging
+import queue
 import socket
 import threading
 import time
@@ -70,7 +76,8 @@ from workers.kv_transfer.errors import (
     TransferCancelled,
     TransferDeadlineExceeded,
 )
-from workers.kv_transfer.receiver import KVReceiver, decode_checked
+from workers.kv_transfer.receiver import KVReceiver
+from workers.kv_transfer.verify import decode_checked
 from workers.kv_transfer.wire import (
     DEFAULT_MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
@@ -96,9 +103,11 @@ class _Incoming:
         self.request_id, self.transfer_id, self.stripes = hello.request_id, hello.transfer_id, hello.stripes
         self.started = time.monotonic()
         self.deadline = self.started + hello.deadline_ms / 1e3
-        self.window = ReorderWindow(plane.window_frames or max(2, hello.stripes))
-        # held at once: the window, one frame being received per connection, the one being verified
-        self.session = plane.receiver.begin(frames_held=self.window.capacity + hello.stripes + 1)
+        # default: per connection one frame being checked and one being received (a full pipeline)
+        self.window = ReorderWindow(plane.window_frames or 2 * hello.stripes)
+        # held at once: a buffer is allocated only after wait_room (position < next + capacity), and
+        # only the frame being applied lies below next: at most capacity + 1 frames
+        self.session = plane.receiver.begin(frames_held=self.window.capacity + 1)
         self.session.set_abort_hook(self._on_receiver_abort)
         self.socks: dict[int, socket.socket] = {}
         self.state = IncomingState.RUNNING
@@ -118,12 +127,16 @@ class _Incoming:
 
     # -- the threads
     def read_loop(self, stripe: int, sock: socket.socket) -> None:
-        """A connection's reader: envelopes -> fresh buffers -> the window. Ends the transfer on error."""
+        """A connection's reader: envelopes -> fresh buffers -> its checker thread. Ends the transfer
+        on error. Receiving and checking run on two threads, so the kernel's copy of frame i+1
+        overlaps the CRC32C and value checks of frame i (both release the GIL)."""
         env = bytearray(ENVELOPE.size)
         env_view = memoryview(env)
         last = -1
         max_frame = self.plane.receiver.max_frame_bytes
-        check_values = self.plane.receiver.check_values
+        checks: queue.SimpleQueue[tuple[int, memoryview] | None] = queue.SimpleQueue()  # <= window frames
+        checker = threading.Thread(target=self._check_loop, args=(checks,), name="kv-dp-check", daemon=True)
+        checker.start()
         try:
             while True:
                 recv_exactly(sock, env_view)
@@ -134,16 +147,10 @@ class _Incoming:
                     raise FrameError(f"data envelope: position {pos} after {last} on stripe {stripe} (must increase)")
                 last = pos
                 self.window.wait_room(pos)
-                buf = memoryview(np.empty(n, dtype=np.uint8))  # uninitialised: the kernel fills it
+                buf = memoryview(_frame_buffer(n))
                 recv_exactly(sock, buf)
-                try:  # CRC32C and value checks here, one thread per connection (GIL released)
-                    frame: Frame | TandemError = decode_checked(buf, max_frame, check_values)
-                except TandemError as e:  # failed in stream order by the verifier, like gRPC's path
-                    frame = e
-                self.window.put(pos, frame)
-                if isinstance(frame, TandemError):
-                    self.ended.wait()  # keep the connection (the reply may go on it) until then
-                    return
+                checks.put((pos, buf))
+                del buf  # the frame's only references: the queue, then the window, then the verifier
         except _Closed:
             pass
         except TandemError as e:
@@ -153,7 +160,34 @@ class _Incoming:
                 self.fail(TransferCancelled(
                     f"transfer {self.request_id!r}: stripe {stripe}'s connection was lost mid-stream ({e})"))
         finally:
+            checks.put(None)
+            checker.join()
             linger_close(sock)
+
+    def _check_loop(self, checks: queue.SimpleQueue[tuple[int, memoryview] | None]) -> None:
+        """A connection's checker: CRC32C and value checks (`decode_checked`), then the window. A frame
+        that fails goes into the window as its error: the verifier fails the stream at its position."""
+        max_frame = self.plane.receiver.max_frame_bytes
+        check_values = self.plane.receiver.check_values
+        while (item := checks.get()) is not None:
+            pos, buf = item
+            del item
+            if self.window.closed:
+                continue  # the transfer ended: drop what is still queued (the reader stops too)
+            try:
+                frame: Frame | TandemError = decode_checked(buf, max_frame, check_values)
+            except TandemError as e:  # its traceback would keep the buffer alive (the checks' locals)
+                frame = e.with_traceback(None)
+            except Exception as e:  # pragma: no cover - a bug must fail the transfer, not stall it
+                log.exception("data plane checker failed")
+                frame = KVTransferError(f"checking a frame failed: {type(e).__name__}: {e}")
+            del buf
+            try:
+                self.window.put(pos, frame)
+            except _Closed:
+                pass  # the transfer ended: drop what is still queued (the reader stops too)
+            except TandemError as e:  # a duplicate position
+                self.fail(e)
 
     def _verify_loop(self) -> None:
         """Feeds the session in stream order; sends the reply; the only thread touching the session."""
@@ -255,12 +289,13 @@ class DataPlaneServer:
         self._token = token
         self.host, self.port = host, int(port)
         self.max_connections = int(max_connections)
-        self.window_frames = int(window_frames)  # 0: max(2, stripes)
+        self.window_frames = int(window_frames)  # 0: 2 per connection
         self.max_frame_bytes = getattr(receiver, "max_frame_bytes", DEFAULT_MAX_FRAME_BYTES)
         self._lock = threading.Lock()
         self._transfers: dict[str, _Incoming] = {}
         self._ended: deque[str] = deque(maxlen=REMEMBER_ENDED)
-        self._ended_set: set[str] = set()
+        # ended transfer id -> (error class, message) or None when it completed; no traceback kept
+        self._ended_err: dict[str, tuple[type[TandemError], str] | None] = {}
         self._connections = 0
         self.connections_accepted = 0  # authenticated connections joined to a transfer, ever
         self._lsock: socket.socket | None = None
@@ -341,7 +376,10 @@ class DataPlaneServer:
         with self._lock:
             if self._stopped:
                 raise TransferCancelled("the receiver is shutting down")
-            if hello.transfer_id in self._ended_set:
+            if hello.transfer_id in self._ended_err:  # a stripe joining late: tell it why it ended
+                ended = self._ended_err[hello.transfer_id]
+                if ended is not None:
+                    raise ended[0](f"transfer {hello.transfer_id} already ended: {ended[1]}")
                 raise TransferCancelled(f"transfer {hello.transfer_id} already ended")
             inc = self._transfers.get(hello.transfer_id)
             if inc is None:
@@ -360,9 +398,18 @@ class DataPlaneServer:
             if self._transfers.get(inc.transfer_id) is inc:
                 del self._transfers[inc.transfer_id]
                 if len(self._ended) == self._ended.maxlen:
-                    self._ended_set.discard(self._ended[0])
+                    self._ended_err.pop(self._ended[0], None)
                 self._ended.append(inc.transfer_id)
-                self._ended_set.add(inc.transfer_id)
+                err = inc.error
+                self._ended_err[inc.transfer_id] = None if err is None else (type(err), str(err))
+
+
+def _frame_buffer(n: int) -> np.ndarray:
+    """A received frame's memory: uninitialised (the kernel fills it), fresh per frame and freed once
+    the frame is applied. Not pooled: glibc reuses these blocks without page faults once
+    memory.tune_malloc_for_streaming() ran (measured: a pool saved nothing, README), and a fresh buffer
+    can never be overwritten while a sink still views it."""
+    return np.empty(n, dtype=np.uint8)
 
 
 def _refuse(conn: socket.socket, err: TandemError) -> None:

@@ -6,11 +6,13 @@
 the receiver's typed error once it failed the transfer), `finish` waits for the ack, `abort` cancels
 (Cancel RPC over gRPC, then the connections are closed).
 
-Threads: a framer turns queued payloads into frames, checksums them (CRC32C releases the GIL) and
-deals them round-robin to one sender thread per connection, which writes the envelope + header and
-then each payload section straight from the payload's memory (no join, no copy in Python); a reply
-reader on connection 0 waits for the receiver's verdict. Memory held: max_queue_bytes of payloads
-plus, per connection, `prefetch_frames` frames that reference payload memory (not copies).
+Threads: a planner splits queued payloads into frame specs (no per-byte work) and deals them round
+robin by stream position to the connections; per connection a framer checksums its frames (CRC32C
+releases the GIL, so connections are checksummed in parallel) and builds their headers, and a sender
+writes each frame with one scatter-gather `sendmsg` of envelope + header + the payload sections,
+straight from the payload's memory (no join, no copy in Python); a reply reader on connection 0 waits
+for the receiver's verdict. Memory held: max_queue_bytes of payloads plus, per connection,
+2 x `prefetch_frames` frames that reference payload memory (not copies).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from orchestrator.core.types import KVDtype, TandemError
@@ -37,6 +39,7 @@ from workers.kv_transfer.dataplane_codec import (
     decode_reply_body,
     encode_hello,
     recv_exactly,
+    send_parts,
     shut,
 )
 from workers.kv_transfer.errors import (
@@ -46,7 +49,7 @@ from workers.kv_transfer.errors import (
     TransferDeadlineExceeded,
     TransferUnavailable,
 )
-from workers.kv_transfer.sender import KVStream, iter_frame_parts
+from workers.kv_transfer.sender import ChunkSpec, KVStream, iter_chunk_specs
 
 if TYPE_CHECKING:
     from workers.kv_transfer.client import KVTransferClient
@@ -84,12 +87,15 @@ class DataPlaneStream(KVStream):
         self._result: control.TransferAck | TandemError | None = None
         self._send_error: BaseException | None = None
         self._local_error: TandemError | None = None
-        self._outq: list[queue.Queue[Parts | None]] = [
-            queue.Queue(maxsize=max(1, int(prefetch_frames))) for _ in range(self.stripes)]
+        depth = max(1, int(prefetch_frames))
+        self._fq: list[queue.Queue[tuple[int, bytes | ChunkSpec] | None]] = [
+            queue.Queue(maxsize=depth) for _ in range(self.stripes)]
+        self._outq: list[queue.Queue[Parts | None]] = [queue.Queue(maxsize=depth) for _ in range(self.stripes)]
         self._socks = self._connect(host, port, int(deadline_s * 1e3))
-        self._threads = [threading.Thread(target=self._frame_loop, name="kv-dp-framer", daemon=True)]
-        self._threads += [threading.Thread(target=self._send_loop, args=(i,), name="kv-dp-send", daemon=True)
-                          for i in range(self.stripes)]
+        self._threads = [threading.Thread(target=self._plan_loop, name="kv-dp-plan", daemon=True)]
+        for i in range(self.stripes):
+            self._threads += [threading.Thread(target=self._frame_loop, args=(i,), name="kv-dp-framer", daemon=True),
+                              threading.Thread(target=self._send_loop, args=(i,), name="kv-dp-send", daemon=True)]
         self._threads.append(threading.Thread(target=self._reply_loop, name="kv-dp-reply", daemon=True))
         for t in self._threads:
             t.start()
@@ -123,18 +129,19 @@ class DataPlaneStream(KVStream):
     def _ended(self) -> bool:
         return self._stop.is_set() or self._done.is_set()
 
-    def _deal(self, pos: int, parts: Parts) -> bool:
-        """Hand a frame to its connection's sender (round robin by position); False once ended."""
-        out = self._outq[pos % self.stripes]
+    def _put(self, q: queue.Queue, item: object) -> bool:
+        """Put into a bounded queue, giving up once the transfer ended; False then."""
         while not self._ended():
             try:
-                out.put(parts, timeout=_POLL_S)
+                q.put(item, timeout=_POLL_S)
                 return True
             except queue.Full:
                 continue
         return False
 
-    def _frame_loop(self) -> None:
+    def _plan_loop(self) -> None:
+        """Turn queued payloads into frame specs (no per-byte work) and deal them round robin by
+        stream position to the connections' framers."""
         pos = 0
         try:
             while True:
@@ -147,33 +154,54 @@ class DataPlaneStream(KVStream):
                 if item is None:
                     break
                 if isinstance(item, bytes):  # OPEN or FINISH, prebuilt
-                    frames = iter([[item]])
+                    specs: Iterable[bytes | ChunkSpec] = (item,)
                     cost = len(item)
                 else:
                     payload, first_seq, cost = item
-                    frames = iter_frame_parts(self.request_id, payload, self.wire, first_seq, self.chunk_bytes,
-                                              self.src_block_size)
-                for parts in frames:
-                    n = sum(memoryview(p).nbytes for p in parts)
-                    parts[0] = ENVELOPE.pack(n, pos) + parts[0]
-                    if not self._deal(pos, parts):
+                    specs = iter_chunk_specs(self.request_id, payload, self.wire, first_seq, self.chunk_bytes,
+                                             self.src_block_size)
+                for spec in specs:
+                    if not self._put(self._fq[pos % self.stripes], (pos, spec)):
                         return
                     pos += 1
                 with self._cv:
                     self._qbytes -= cost
                     self._cv.notify_all()
         except BaseException as e:  # noqa: BLE001 - a bug must fail the transfer, not hang it
-            self._local_error = KVTransferError(f"framing failed: {type(e).__name__}: {e}")
-            self._cancel_remote()  # the receiver may not have applied OPEN yet: free its reservation
-            self._fail_local(self._local_error)
+            self._framing_failed(e)
             return
-        for out in self._outq:  # end of stream: the senders return, the connections stay open
-            while not self._ended():
+        for fq in self._fq:  # end of stream: the framers and senders return, the connections stay open
+            if not self._put(fq, None):
+                return
+
+    def _frame_loop(self, i: int) -> None:
+        """Connection i's framer: CRC32C (releases the GIL) and header of each of its frames, then
+        the envelope; in parallel with the other connections' framers and with sending."""
+        fq, out = self._fq[i], self._outq[i]
+        try:
+            while True:
                 try:
-                    out.put(None, timeout=_POLL_S)
-                    break
-                except queue.Full:
+                    item = fq.get(timeout=_POLL_S)
+                except queue.Empty:
+                    if self._ended():
+                        return
                     continue
+                if item is None:
+                    self._put(out, None)
+                    return
+                pos, spec = item
+                parts: Parts = [spec] if isinstance(spec, bytes) else spec.parts()
+                n = sum(memoryview(p).nbytes for p in parts)
+                parts[0] = ENVELOPE.pack(n, pos) + parts[0]
+                if not self._put(out, parts):
+                    return
+        except BaseException as e:  # noqa: BLE001 - a bug must fail the transfer, not hang it
+            self._framing_failed(e)
+
+    def _framing_failed(self, e: BaseException) -> None:
+        self._local_error = KVTransferError(f"framing failed: {type(e).__name__}: {e}")
+        self._cancel_remote()  # the receiver may not have applied OPEN yet: free its reservation
+        self._fail_local(self._local_error)
 
     def _send_loop(self, i: int) -> None:
         sock, out = self._socks[i], self._outq[i]
@@ -187,8 +215,7 @@ class DataPlaneStream(KVStream):
                     continue
                 if parts is None:
                     return
-                for p in parts:
-                    sock.sendall(p)
+                send_parts(sock, parts)
         except OSError as e:
             if not self._ended():  # the receiver's reply (on connection 0) usually names the cause
                 self._send_error = e

@@ -109,6 +109,20 @@ def recv_exactly(sock: socket.socket, view: memoryview) -> None:
         got += k
 
 
+def send_parts(sock: socket.socket, parts: list) -> None:
+    """Write every part (bytes or memoryviews) in order, one `sendmsg` (scatter-gather) per call
+    instead of one `sendall` per part: no join, fewer system calls and no tiny segment for the header
+    under TCP_NODELAY. Handles partial writes; OSError when the connection fails."""
+    views = [v for v in (memoryview(p).cast("B") for p in parts) if v.nbytes]
+    while views:
+        sent = sock.sendmsg(views)
+        while views and sent >= views[0].nbytes:
+            sent -= views[0].nbytes
+            views.pop(0)
+        if sent:
+            views[0] = views[0][sent:]
+
+
 def shut(sock: socket.socket, how: int = socket.SHUT_RDWR) -> None:
     """Wake every thread blocked on `sock` (their recv returns EOF, send fails); idempotent."""
     with contextlib.suppress(OSError):

@@ -28,7 +28,6 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from orchestrator.core.types import KVDtype, TandemError
@@ -48,8 +47,9 @@ from workers.kv_transfer.errors import (
     TransferCancelled,
     UnknownTransfer,
 )
-from workers.kv_transfer.fp8 import WireDtype, has_nonfinite_bytes, transcode, wire_dtype_of
+from workers.kv_transfer.fp8 import WireDtype, transcode, wire_dtype_of
 from workers.kv_transfer.leases import LeaseReaper
+from workers.kv_transfer.verify import decode_checked
 from workers.kv_transfer.wire import (
     DEFAULT_MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
@@ -57,7 +57,6 @@ from workers.kv_transfer.wire import (
     FinishFrame,
     Frame,
     OpenFrame,
-    decode_frame,
 )
 
 log = logging.getLogger(__name__)
@@ -111,32 +110,6 @@ def _readonly_tensor(view: memoryview) -> torch.Tensor:
 
 
 _WARN_LOCK = threading.Lock()
-
-
-def check_chunk_values(c: ChunkFrame, check_values: bool = True) -> None:
-    """The checks a chunk needs on its own bytes (no stream state; FrameError): section sizes whole
-    elements of its dtype, scales finite and >= 0, and (check_values) no NaN/Inf encodings in K, V.
-    Stateless, so a transport may run it on any thread (the data plane: one per connection)."""
-    wire = c.wire_dtype
-    el = wire.bytes_per_element
-    k_len, v_len, ks_len, vs_len = c.lengths
-    if k_len % el or v_len % el or ks_len % 4 or vs_len % 4:
-        raise FrameError(f"chunk section sizes {list(c.lengths)} are not whole {wire.value} / float32 elements")
-    layer = c.layer_start
-    for i in (2, 3):  # numpy: torch's tiny CPU ops cost ms each on a loaded box
-        arr = np.frombuffer(c.section(i), dtype="<f4")
-        if not (np.isfinite(arr).all() and (arr >= 0).all()):
-            raise FrameError(f"layer {layer}: scales must be finite and >= 0")
-    if check_values and (has_nonfinite_bytes(c.section(0), wire) or has_nonfinite_bytes(c.section(1), wire)):
-        raise FrameError(f"layer {layer}: KV holds NaN/Inf encodings of {wire.value}")
-
-
-def decode_checked(data: bytes | memoryview, max_frame_bytes: int, check_values: bool = True) -> Frame:
-    """decode_frame (sizes, CRC32C) + check_chunk_values: everything one frame can be checked for alone."""
-    frame = decode_frame(data, max_frame_bytes)
-    if isinstance(frame, ChunkFrame):
-        check_chunk_values(frame, check_values)
-    return frame
 
 
 def payload_bound_bytes(num_tokens: int, num_kv_heads: int, head_dim: int, wire: WireDtype) -> int:
@@ -449,7 +422,7 @@ class Session:
         k = section(0).view(wire.torch_dtype).reshape(ntok, h, d)
         v = section(1).view(wire.torch_dtype).reshape(ntok, h, d)
         ks = vs = None
-        if wire.is_fp8:  # values were checked with the frame (check_chunk_values)
+        if wire.is_fp8:  # values were checked with the frame (verify.decode_checked)
             ks = section(2).view(torch.float32).reshape(ntok, h)
             vs = section(3).view(torch.float32).reshape(ntok, h)
         payload = KVLayerPayload(layer=layer, token_start=c.token_start, k=k, v=v, k_scale=ks, v_scale=vs)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -67,6 +68,41 @@ def iter_frame_parts(
 ) -> Iterator[list[memoryview | bytes]]:
     """The frames of `iter_frames`, each as [prefix + header, *sections] (`wire.chunk_parts`): the
     sections view the payload's memory, nothing is copied."""
+    for spec in iter_chunk_specs(request_id, payload, wire, first_seq, chunk_bytes, src_block_size):
+        yield spec.parts()
+
+
+@dataclass(frozen=True)
+class ChunkSpec:
+    """One CHUNK frame before its checksum: what `chunk_parts` needs. `parts()` computes the CRC32C
+    and the header (the per-byte work), so a transport can plan frames on one thread and checksum
+    them on others (the data plane: one framer per connection)."""
+
+    request_id: str
+    seq: int
+    layer: int
+    token_start: int
+    token_end: int
+    wire: WireDtype
+    sections: list[memoryview]  # [k, v, k_scale, v_scale], views of the payload's memory
+    end_of_payload: bool
+    src_block_size: int
+
+    def parts(self) -> list[memoryview | bytes]:
+        return chunk_parts(self.request_id, self.seq, self.layer, self.token_start, self.token_end, self.wire,
+                           self.sections, end_of_payload=self.end_of_payload, src_block_size=self.src_block_size)
+
+
+def iter_chunk_specs(
+    request_id: str,
+    payload: KVLayerPayload,
+    wire: WireDtype,
+    first_seq: int,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    src_block_size: int = 0,
+) -> Iterator[ChunkSpec]:
+    """The CHUNK frames of one layer payload (already in `wire`'s dtype) split by tokens into
+    ~chunk_bytes, unchecksummed (see ChunkSpec); cheap: no per-byte work."""
     n, h, d = (int(x) for x in payload.k.shape)
     tok_bytes = h * d * wire.bytes_per_element
     scale_tok_bytes = h * 4 if wire.is_fp8 else 0
@@ -82,10 +118,8 @@ def iter_frame_parts(
             ks[a * scale_tok_bytes : b * scale_tok_bytes],
             vs[a * scale_tok_bytes : b * scale_tok_bytes],
         ]
-        yield chunk_parts(
-            request_id, first_seq + i, payload.layer, payload.token_start + a, payload.token_start + b,
-            wire, sections, end_of_payload=b == n, src_block_size=src_block_size,
-        )
+        yield ChunkSpec(request_id, first_seq + i, payload.layer, payload.token_start + a, payload.token_start + b,
+                        wire, sections, b == n, src_block_size)
 
 
 def encode_payload(

@@ -101,8 +101,14 @@ class KVTransferServer:
         data_port: int = 0,
     ) -> None:
         """data_plane: also accept transfers over a raw-TCP data plane on host:data_port (protocol 3,
-        dataplane.py; 0 = an ephemeral port), advertised in Health/Handshake replies. Never with TLS
-        (the data plane is plaintext): then only gRPC streams are accepted."""
+        dataplane.py), advertised in Health/Handshake replies. Never with TLS (the data plane is
+        plaintext): then only gRPC streams are accepted and data_port is ignored.
+
+        data_port: 0 = an ephemeral port (the default); 1-65535 = exactly that port on `host`, for
+        firewalled clusters (open it like the gRPC port); `start()` raises OSError naming it when it
+        cannot be bound (nothing is left listening then). Out of range: ValueError here."""
+        if not 0 <= int(data_port) <= 65535:
+            raise ValueError(f"data_port must be 0 (ephemeral) or a TCP port 1-65535, got {data_port!r}")
         self._token = check_token(auth_token).encode()
         self.host, self._port, self.tls = host, int(port), tls
         self.receiver = KVReceiver(
@@ -128,7 +134,7 @@ class KVTransferServer:
             tune_malloc_for_streaming()
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self._max_workers, thread_name_prefix="kv-rx"),
-            options=channel_options(self.max_message_bytes),
+            options=[*channel_options(self.max_message_bytes), ("grpc.so_reuseport", 0)],  # a taken port fails
         )
         handlers = {
             "Handshake": grpc.unary_unary_rpc_method_handler(self._handshake),
@@ -148,9 +154,10 @@ class KVTransferServer:
             data = DataPlaneServer(self.receiver, self._token, self.host, self._data_port_arg)
             try:
                 data.start()
-            except OSError:
+            except OSError as e:
                 server.stop(0)
-                raise
+                raise OSError(e.errno, f"could not bind the KV data plane to {self.host}:{self._data_port_arg}: "
+                                       f"{e.strerror or e}") from e
             self._data = data
         server.start()
         self._server, self._port = server, port

@@ -247,8 +247,11 @@ def _get_enum(h: dict[str, Any], key: str, enum_cls: type[enum.Enum]) -> Any:
         raise FrameError(f"header: field {key!r}={v!r} is not one of {allowed}") from None
 
 
-def decode_frame(data: bytes, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Frame:
-    """Parse and validate one frame; raises FrameError (ChecksumError for a corrupt payload)."""
+def decode_frame(data: bytes, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, *, payload_crc: bool = True) -> Frame:
+    """Parse and validate one frame; raises FrameError (ChecksumError for a corrupt payload).
+
+    payload_crc=False leaves a CHUNK's payload CRC32C to the caller, who must check it before using
+    the frame: only `verify.decode_checked` does, fusing it with the value checks in one pass."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise FrameError(f"frame must be bytes, got {type(data).__name__}")
     n = len(data)
@@ -276,7 +279,7 @@ def decode_frame(data: bytes, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) ->
     if kind is FrameKind.OPEN:
         return _decode_open(h, rid, payload)
     if kind is FrameKind.CHUNK:
-        return _decode_chunk(h, rid, payload)
+        return _decode_chunk(h, rid, payload, payload_crc)
     if len(payload):
         raise FrameError(f"finish frame carries {len(payload)} unexpected payload bytes")
     return FinishFrame(
@@ -318,7 +321,7 @@ def _check_scale_layout(wire: WireDtype, scale: ScaleLayout) -> None:
         raise FrameError(f"header: scale layout {scale.value!r} is invalid for {wire.value} (expected {expected.value!r})")
 
 
-def _decode_chunk(h: dict[str, Any], rid: str, payload: memoryview) -> ChunkFrame:
+def _decode_chunk(h: dict[str, Any], rid: str, payload: memoryview, payload_crc: bool = True) -> ChunkFrame:
     layer_start, layer_end = _get_range(h, "lay", MAX_LAYERS)
     if layer_end != layer_start + 1:
         raise FrameError(f"chunk: layer range [{layer_start}, {layer_end}) must hold exactly one layer in protocol {PROTOCOL_VERSION}")
@@ -339,7 +342,7 @@ def _decode_chunk(h: dict[str, Any], rid: str, payload: memoryview) -> ChunkFram
     if not isinstance(eop, bool):
         raise FrameError("chunk: field 'eop' must be a boolean")
     crc = get_int(h, "crc", 0, 0xFFFFFFFF)
-    if crc32c(payload) != crc:
+    if payload_crc and crc32c(payload) != crc:
         raise ChecksumError(f"chunk of {rid!r} layer {layer_start} tokens [{token_start}, {token_end}): checksum mismatch")
     return ChunkFrame(
         request_id=rid,
