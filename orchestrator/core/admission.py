@@ -26,7 +26,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from orchestrator.config.models import TandemConfig
+from orchestrator.config.models import SLAClass, TandemConfig
 from orchestrator.core.router import RouteEval, Router
 from orchestrator.core.snapshot import ClusterSnapshot, RouteRequest
 
@@ -141,6 +141,11 @@ class Admission:
         # the router evaluation the last `decide` made (None when it stopped before the TTFT check):
         # `router.route(req, snap, admission.last_evaluation)` reuses it when nothing changed since
         self.last_evaluation: RouteEval | None = None
+        # the (frozen) config's classes by name — the first of a name, as `config.sla_class` finds it
+        self._classes: dict[str, SLAClass] = {}
+        for c in config.sla.classes:
+            self._classes.setdefault(c.name, c)
+        self._default_class = config.sla.default
 
     def _retry(self, wait_ms: float | None = None) -> float:
         floor = self.config.admission.min_retry_after_s
@@ -153,16 +158,17 @@ class Admission:
         cfg = self.config
         rid = req.request_id
         self.last_evaluation = None
-        try:
-            sla = cfg.sla_class(req.sla_class)
-        except KeyError:
+        name = req.sla_class
+        sla = self._classes.get(self._default_class if name is None else name)  # cfg.sla_class(name)
+        if sla is None:
             names = ", ".join(c.name for c in cfg.sla.classes)
             return AdmissionDecision(
                 rid, AdmissionAction.REJECT, AdmissionReason.UNKNOWN_SLA_CLASS, None,
                 f"unknown SLA class {req.sla_class!r}; classes: {names}", self._retry(),
             )
         limit = cfg.model.max_model_len
-        if req.kv_tokens > limit:
+        kv_tokens = req.prompt_tokens + req.max_tokens  # req.kv_tokens
+        if kv_tokens > limit:
             return AdmissionDecision(
                 rid, AdmissionAction.REJECT, AdmissionReason.CONTEXT_TOO_LONG, sla.name,
                 f"prompt {req.prompt_tokens} + max_tokens {req.max_tokens} = {req.kv_tokens} tokens "
@@ -174,7 +180,7 @@ class Admission:
                 "no healthy decode-capable worker", self._retry(),
             )
         biggest = snap.max_decode_kv_tokens()
-        if req.kv_tokens > biggest:
+        if kv_tokens > biggest:
             return AdmissionDecision(
                 rid, AdmissionAction.REJECT, AdmissionReason.EXCEEDS_KV_CAPACITY, sla.name,
                 f"prompt {req.prompt_tokens} + max_tokens {req.max_tokens} = {req.kv_tokens} tokens exceeds "

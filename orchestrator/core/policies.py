@@ -27,7 +27,7 @@ from orchestrator.config.models import (
     ThresholdRouting,
     TiersRouting,
 )
-from orchestrator.core.estimates import Placement, _fmt
+from orchestrator.core.estimates import Local, Placement, Scan, _fmt
 from orchestrator.core.router import Candidate, RouteContext, RouteReason, register_policy
 from orchestrator.core.snapshot import ClusterSnapshot, RouteRequest, WorkerSnapshot
 
@@ -75,8 +75,38 @@ class ContextTTFTPolicy:
     def _first(
         self, req: RouteRequest, snap: ClusterSnapshot, d: WorkerSnapshot, ctx: RouteContext
     ) -> tuple[Candidate, Placement, Placement | None, bool]:
-        local = ctx.estimator.local_placement(req, d)
-        best = ctx.estimator.fastest_remote(req, d, snap.prefill_view())
+        est = ctx.estimator
+        return self._choose(est.local_placement(req, d), est.fastest_remote(req, d, snap.prefill_view()))
+
+    def first_from_scan(
+        self, req: RouteRequest, fastest: tuple[Sequence[WorkerSnapshot], Scan, Local]
+    ) -> Candidate:
+        """`first_candidate(...)` from the router's evaluation of this request on this snapshot state
+        (`RouteEval.fastest`: the prefill scan and the least-loaded decode worker's local numbers, which
+        `Estimator.local_placement` and `fastest_remote` would take from their hint): the same candidate."""
+        _, (p, fq, fpf, ftr), (d, q, pf) = fastest
+        mt = req.max_tokens
+        if p is None:
+            return self._choose(Placement(d.worker_id, None, q * 1e3, pf * 1e3, 0.0, max_tokens=mt), None)[0]
+        # _choose's comparison on the Placements' ttft_ms (the same sums), building only the chosen one
+        # now and the other only if the arithmetic is read
+        local_ms = (q * 1e3, pf * 1e3, 0.0)
+        remote_ms = (fq * 1e3, fpf * 1e3, ftr * 1e3)
+        margin = self.cfg.remote_margin_ms
+        remote = remote_ms[0] + remote_ms[1] + remote_ms[2] + margin < local_ms[0] + local_ms[1] + local_ms[2]
+
+        def why() -> str:
+            return self._choose(Placement(d.worker_id, None, *local_ms, max_tokens=mt),
+                                Placement(d.worker_id, p.worker_id, *remote_ms, max_tokens=mt))[0].arithmetic
+
+        if remote:
+            return Candidate(Placement(d.worker_id, p.worker_id, *remote_ms, max_tokens=mt), RouteReason.REMOTE_FASTER,
+                             why)
+        return Candidate(Placement(d.worker_id, None, *local_ms, max_tokens=mt), RouteReason.LOCAL_FASTER, why)
+
+    def _choose(
+        self, local: Placement, best: Placement | None
+    ) -> tuple[Candidate, Placement, Placement | None, bool]:
         if best is None:
             return Candidate(local, RouteReason.COLOCATED, f"no prefill pool; {local.describe()}"), local, None, False
         margin = self.cfg.remote_margin_ms

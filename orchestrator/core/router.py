@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 from orchestrator.config.models import NoFitAction, RoutingKind, SLAClass, TandemConfig
 from orchestrator.core.estimates import Estimator, Local, Placement, Scan
+from orchestrator.core.fleet_index import FleetIndex
 from orchestrator.core.ports import CostModelPort
 from orchestrator.core.power import PowerAccountant
 from orchestrator.core.snapshot import ClusterSnapshot, RouteRequest, WorkerSnapshot
@@ -245,10 +246,13 @@ class DecodeOrder(Sequence[WorkerSnapshot]):
 
     __slots__ = ("_request", "_healthy", "first", "_all")
 
-    def __init__(self, request: RouteRequest, healthy: Sequence[WorkerSnapshot]) -> None:
+    def __init__(self, request: RouteRequest, healthy: Sequence[WorkerSnapshot], first: Any = False) -> None:
         self._request = request
         self._healthy = healthy
         self._all: list[WorkerSnapshot] | None = None
+        if first is not False:  # the first, found by the caller (FleetIndex.first_decode: the same worker)
+            self.first = first
+            return
         n = request.kv_tokens  # free_kv_blocks ≥ ⌈n / block_size⌉  ⇔  free_kv_blocks · block_size ≥ n
         first: WorkerSnapshot | None = None
         first_load = first_free = 0
@@ -292,11 +296,10 @@ class DecodeOrder(Sequence[WorkerSnapshot]):
 class RouteEval:
     """What admission and the router both need for one request on one snapshot state: the healthy
     decode workers and those with KV room, least loaded first (`decodes`, a `DecodeOrder`), and —
-    once `Router.best_ttft_ms` has scanned the prefill workers — the fastest remote one
-    (`fastest`: (the prefill list scanned, `Estimator.remote_scan`'s scan, `Estimator.local_s` of
-    the least-loaded decode worker)). `Router.evaluate` builds it;
-    `Admission.decide` keeps the one it used (`last_evaluation`) so that a caller routing the same
-    request on the same, unchanged snapshot right after can hand it to `Router.route`."""
+    once `Router.best_ttft_ms` has scanned the prefill workers — `fastest`: (the prefill list scanned,
+    `Estimator.remote_scan`'s scan, `Estimator.local_s` of the least-loaded decode worker). `Router.evaluate`
+    builds it; `Admission.decide` keeps the one it used (`last_evaluation`) so that a caller routing the
+    same request on the same, unchanged snapshot right after can hand it to `Router.route`."""
 
     __slots__ = ("request", "snapshot", "healthy", "decodes", "fastest")
 
@@ -322,6 +325,9 @@ class Router:
         self.power = power or PowerAccountant(cost_model, config.power)
         self.estimator = Estimator(config, cost_model, self.power)
         self.ctx = RouteContext(config, self.estimator, self.power)
+        self.index = FleetIndex(self.estimator, self.power)  # views of a snapshot with a change log
+        # optional on a policy (see route): (request, RouteEval.fastest) -> its first Candidate
+        self._first_from_scan = getattr(self.policy, "first_from_scan", None)
 
     @property
     def kind(self) -> RoutingKind:
@@ -345,13 +351,15 @@ class Router:
     def evaluate(self, req: RouteRequest, snap: ClusterSnapshot) -> RouteEval:
         """The decode candidates of `req` on `snap` as it is now (see RouteEval)."""
         healthy = snap.decode_view()
+        idx = self.index
+        if idx.sync(snap):
+            return RouteEval(req, snap, healthy, DecodeOrder(req, healthy, idx.first_decode(req.kv_tokens)))
         return RouteEval(req, snap, healthy, DecodeOrder(req, healthy))
 
     def route(self, req: RouteRequest, snap: ClusterSnapshot, evaluation: RouteEval | None = None) -> RouteDecision:
-        """Decide where `req` goes. Pure: reads the snapshot, changes nothing.
-
-        `evaluation`: `self.evaluate(req, snap)` computed on this very snapshot state (e.g. by
-        admission just before); ignored when it was made for another request or snapshot."""
+        """Decide where `req` goes: a function of (req, snap) only — it changes nothing but its own memos
+        (and `self.index`, a cache of `snap`). `evaluation`: `self.evaluate(req, snap)` computed on this
+        very snapshot state (e.g. by admission just before); ignored when made for another request or snapshot."""
         if evaluation is None or evaluation.request is not req or evaluation.snapshot is not snap:
             evaluation = self.evaluate(req, snap)
             hint = None
@@ -359,6 +367,8 @@ class Router:
             hint = evaluation.fastest
         if hint is None:
             return self._route(req, snap, evaluation)
+        if self._first_from_scan is not None and self.config.power is None and self.power.budget is None:
+            return self._unbudgeted(req, snap, self._first_from_scan(req, hint))
         est = self.estimator
         est.hint = (req, *hint)
         try:
@@ -394,13 +404,7 @@ class Router:
                 c = first(req, snap, decodes, self.ctx)
             else:
                 c = next(iter(self.policy.candidates(req, snap, decodes, self.ctx)))
-            pl = c.placement
-            prefill = None if pl.prefill_worker_id is None else snap.worker(pl.prefill_worker_id)
-            after_w = self.power.after_w(self.power.cluster_total_w(snap), prefill, snap.worker(pl.decode_worker_id))
-            return RouteDecision(
-                req.request_id, kind, c.reason, c.arithmetic_text, pl.decode_worker_id, pl.prefill_worker_id,
-                pl.ttft_ms, pl.tpot_ms, pl.energy_j, after_w,
-            )
+            return self._unbudgeted(req, snap, c)
         first: Candidate | None = None
         first_why = ""
         tried = 0
@@ -444,6 +448,23 @@ class Router:
             no_fit=self.config.power.on_no_fit, retry_after_s=self.retry_after_s(snap),
         )
 
+    def _unbudgeted(self, req: RouteRequest, snap: ClusterSnapshot, c: Candidate) -> RouteDecision:
+        """The decision for the policy's first candidate `c` without a power budget (it always fits; only
+        the projected draw is reported). `route` comes here straight when its evaluation holds a hint:
+        best_ttft_ms found a decode worker, so `_route`'s checks before this path pass."""
+        pl = c.placement
+        idx = self.index
+        if idx.sync(snap):
+            after_w = idx.after_w(idx.total_w(), pl.prefill_worker_id, pl.decode_worker_id)
+        else:
+            prefill = None if pl.prefill_worker_id is None else snap.worker(pl.prefill_worker_id)
+            after_w = self.power.after_w(
+                self.power.cluster_total_w(snap), prefill, snap.worker(pl.decode_worker_id))
+        return RouteDecision(
+            req.request_id, self.policy.kind, c.reason, c.arithmetic_text, pl.decode_worker_id,
+            pl.prefill_worker_id, pl.ttft_ms, pl.tpot_ms, pl.energy_j, after_w,
+        )
+
     def best_ttft_ms(
         self, req: RouteRequest, snap: ClusterSnapshot, evaluation: RouteEval | None = None
     ) -> float | None:
@@ -454,11 +475,13 @@ class Router:
         decodes = evaluation.decodes
         if not decodes:
             return None
-        est = self.estimator
-        prefills = snap.prefill_view()
-        d = decodes[0]
-        q, pf = est.local_s(d, req.prompt_tokens)
-        best, scan = est.remote_scan(req, prefills, (q + pf) * 1e3)  # (q + pf) · 1e3: est.ttft_ms(req, d, False)
+        est, prefills, d = self.estimator, snap.prefill_view(), decodes[0]
+        if (idx := self.index).sync(snap):  # (q + pf) · 1e3: est.ttft_ms(req, d, False)
+            q, pf = idx.local_s(d, req.prompt_tokens)
+            best, scan = idx.remote_scan(req.prompt_tokens, (q + pf) * 1e3)
+        else:
+            q, pf = est.local_s(d, req.prompt_tokens)
+            best, scan = est.remote_scan(req, prefills, (q + pf) * 1e3)
         evaluation.fastest = (prefills, scan, (d, q, pf))
         return best
 
@@ -470,19 +493,7 @@ class Router:
 
 
 __all__ = [
-    "Candidate",
-    "DecodeOrder",
-    "RouteContext",
-    "RouteDecision",
-    "RouteEval",
-    "RouteReason",
-    "Text",
-    "Router",
-    "RoutingPolicy",
-    "UnknownRoutingPolicy",
-    "UnknownSLAClass",
-    "least_loaded_key",
-    "make_policy",
-    "register_policy",
-    "text_of",
+    "Candidate", "DecodeOrder", "RouteContext", "RouteDecision", "RouteEval", "RouteReason", "Text", "Router",
+    "RoutingPolicy", "UnknownRoutingPolicy", "UnknownSLAClass", "least_loaded_key", "make_policy",
+    "register_policy", "text_of",
 ]

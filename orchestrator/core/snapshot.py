@@ -98,13 +98,60 @@ class WorkerSnapshot:
         return self.free_kv_blocks * self.block_size >= req.kv_tokens  # ⇔ free ≥ ⌈tokens / block_size⌉
 
 
+class SnapshotChanges:
+    """Which workers of a `ClusterSnapshot` its owner changed in place, and in what order: an
+    append-only log of indices into `ClusterSnapshot.workers`, read by absolute position.
+
+    Contract: an owner that updates a snapshot's `WorkerSnapshot`s in place (the simulator's bridge)
+    calls `record(i)` for every worker whose fields it changed, before the core reads the snapshot
+    again. A reader remembers the `position` it has seen; `since(pos)` is then the indices changed
+    after it (repeats possible), or None when the log no longer reaches back that far (it keeps the
+    last `keep` to 2·`keep` entries) — None means "anything may have changed": rebuild from the snapshot. A
+    snapshot without a log (`changes=None`, what the runtime builds) means the same. Only the
+    load fields may change in place (queued_prefill_tokens, running_batch, waiting, free_kv_blocks,
+    power_w); never the worker set, ids, roles, pools, hardware, health or KV geometry."""
+
+    __slots__ = ("log", "start", "keep")
+
+    def __init__(self, keep: int = 4096) -> None:
+        self.log: list[int] = []
+        self.start = 0  # absolute position of log[0]
+        self.keep = keep
+
+    def record(self, index: int) -> None:
+        """Worker `index` of the snapshot changed. (At 2·keep entries the oldest `keep` are dropped: a
+        reader at most `keep` entries behind never has to rebuild; amortised O(1).)"""
+        log = self.log
+        if len(log) >= 2 * self.keep:
+            del log[:self.keep]
+            self.start += self.keep
+        log.append(index)
+
+    @property
+    def position(self) -> int:
+        """The absolute position after the last change recorded."""
+        return self.start + len(self.log)
+
+    def since(self, position: int) -> list[int] | None:
+        """Indices changed after `position` (None: unknown, the log was trimmed past it)."""
+        i = position - self.start
+        if i < 0:
+            return None
+        return self.log[i:]
+
+
 @dataclass(frozen=True)
 class ClusterSnapshot:
-    """Every worker at one instant, sorted by worker_id, plus cluster-level power facts."""
+    """Every worker at one instant, sorted by worker_id, plus cluster-level power facts.
+
+    `changes`: set by an owner that updates this snapshot in place (see `SnapshotChanges`); the core
+    then updates what it derived from the snapshot for the changed workers only. None (the default,
+    a snapshot built from scratch) means everything may have changed."""
 
     workers: tuple[WorkerSnapshot, ...]
     time_s: float = 0.0
     measured_power_w: float | None = None  # cluster total from meters, when every worker has one
+    changes: SnapshotChanges | None = field(default=None, repr=False, compare=False)
     _by_id: dict[str, WorkerSnapshot] = field(default_factory=dict, init=False, repr=False, compare=False)
     # Built once per snapshot from fields nobody changes (worker_id, pool, role, healthy, KV size):
     # the router reads them for every request. (The simulator updates load fields in place; it never

@@ -3,7 +3,9 @@ the simulated fleet, their decisions translated into worker indices for the even
 
 What the bridge owns is driver mechanics only (the same the runtime's dispatcher must have):
 - the `ClusterSnapshot` the router reads, built once and refreshed in place for the workers whose
-  load changed since the last decision (`mark`), so a decision costs O(changed workers), not O(fleet);
+  load changed since the last decision (`mark`); the workers whose fields did change are recorded in
+  the snapshot's change log (`SnapshotChanges`), from which the core updates its ordered views of the
+  fleet (`orchestrator.core.fleet_index`), so a decision costs O(changed workers), not O(fleet);
 - the FIFO admission parks requests in (`QueueView` reads its per-class counts) and the rule for
   draining it, as the runtime's dispatcher does: whenever a request finishes, the head is offered
   to the router again, and the next, until one does not place.
@@ -31,7 +33,7 @@ from orchestrator.config.models import NoFitAction, TandemConfig
 from orchestrator.core.admission import Admission, AdmissionAction, QueueView
 from orchestrator.core.power import PowerAccountant
 from orchestrator.core.router import RouteDecision, RouteEval, Router
-from orchestrator.core.snapshot import ClusterSnapshot, RouteRequest, WorkerSnapshot
+from orchestrator.core.snapshot import ClusterSnapshot, RouteRequest, SnapshotChanges, WorkerSnapshot
 from orchestrator.sim.fleet import SimWorker
 from orchestrator.sim.workload import SimRequest
 
@@ -55,7 +57,8 @@ class CoreBridge:
         for w in workers:
             w.snapshot = WorkerSnapshot(w.worker_id, w.pool, w.role, w.hardware, True, 0, 0, 0, w.free_blocks,
                                         w.total_blocks, w.block_size, None)
-        self.snapshot = ClusterSnapshot(tuple(w.snapshot for w in workers), 0.0)
+        self.changes = SnapshotChanges()  # tells the core which workers `refresh` changed
+        self.snapshot = ClusterSnapshot(tuple(w.snapshot for w in workers), 0.0, changes=self.changes)
         if [s.worker_id for s in self.snapshot.workers] != [w.worker_id for w in workers]:
             raise AssertionError("workers must be sorted by worker_id")
         self._dirty: set[SimWorker] = set(workers)
@@ -73,12 +76,20 @@ class CoreBridge:
 
     def refresh(self, now_s: float) -> ClusterSnapshot:
         """Bring the snapshot up to date (only the workers marked since the last call)."""
+        record = self.changes.record
         for w in self._dirty:
             s = w.snapshot.__dict__  # (the frozen dataclass's fields, written without __setattr__)
-            s["queued_prefill_tokens"] = w.prefill_q_tokens + w.batch_tokens
-            s["running_batch"] = w.num_running
-            s["waiting"] = w.pending + len(w.reserve_q)
-            s["free_kv_blocks"] = w.free_blocks
+            q = w.prefill_q_tokens + w.batch_tokens
+            r = w.num_running
+            wait = w.pending + len(w.reserve_q)
+            free = w.free_blocks
+            if (s["queued_prefill_tokens"] != q or s["running_batch"] != r or s["waiting"] != wait
+                    or s["free_kv_blocks"] != free):
+                s["queued_prefill_tokens"] = q
+                s["running_batch"] = r
+                s["waiting"] = wait
+                s["free_kv_blocks"] = free
+                record(w.index)
         self._dirty.clear()
         self.snapshot.__dict__["time_s"] = now_s
         return self.snapshot
@@ -132,7 +143,7 @@ class CoreBridge:
     def _placement(self, d: RouteDecision) -> tuple[int, int, str]:
         di = self._index[d.decode_worker_id]
         pi = -1 if d.prefill_worker_id is None else self._index[d.prefill_worker_id]
-        return di, pi, d.reason.value
+        return di, pi, d.reason._value_  # (= .value, without the enum property's Python-level getter)
 
     @property
     def queued(self) -> int:

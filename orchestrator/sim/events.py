@@ -116,8 +116,9 @@ class EventLoop:
                 raise SimulationError(f"arrival {a_arg!r} at {a_t} s, before now ({self.now_s} s)")
         n = 0
         while True:
-            if heap and (a_t > heap[0][0] or (a_t == heap[0][0] and a_seq > heap[0][1])):
-                if heap[0][0] > until_s:
+            top = heap[0] if heap else None
+            if top is not None and (a_t > top[0] or (a_t == top[0] and a_seq > top[1])):
+                if top[0] > until_s:
                     break
                 t, _, handler, arg = pop(heap)
                 self.now_s = t

@@ -98,7 +98,7 @@ class SimWorker:
         "prefill_batches", "decode_steps", "tokens_out", "prefill_tokens", "snapshot", "extra",
         "finish_heap", "new_joined", "prefill_wait_s", "prefill_waits", "reserve_wait_s", "reserve_waits",
         "max_prefill_q", "max_reserve_q", "pending", "run_bounds", "run_version", "run_len", "step_plans",
-        "prefill_memo",
+        "prefill_memo", "transfer_memo",
     )
 
     def __init__(self, index: int, worker_id: str, pool: str, role: Role, hardware: Any, *,
@@ -151,6 +151,7 @@ class SimWorker:
         self.pending = 0  # routed here, blocks held or awaited, not yet in the decode batch
         self.step_plans: dict[int, tuple] = {}  # batch size → SimCosts.step_plan of this worker (memo)
         self.prefill_memo: dict[int, float] = {}  # prompt tokens → time of a one-prompt prefill batch here
+        self.transfer_memo: dict[int, float] = {}  # prompt tokens → exposed KV transfer time from here
         self.snapshot: Any = None  # the core's WorkerSnapshot for this worker (kept in sync by the bridge)
         self.extra: dict[str, Any] = {}
 

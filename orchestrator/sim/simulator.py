@@ -179,7 +179,7 @@ class Simulator:
         req.decode_worker = d
         req.prefill_worker = self.workers[p_idx] if p_idx >= 0 else None
         req.reason = reason
-        need = d.blocks_for(req.prompt_tokens + req.output_tokens)
+        need = -(-(req.prompt_tokens + req.output_tokens) // d.block_size)  # d.blocks_for(...)
         if need > d.total_blocks:
             self.recorder.rejected(req, "kv_capacity")
             self.in_flight -= 1
@@ -220,15 +220,18 @@ class Simulator:
         batch = w.batch
         w.batch = []
         w.batch_tokens = 0
-        cost = self.cost
-        link = self.link
+        memo = w.transfer_memo  # per worker (its hardware, KV dtype, linear mode; the run's link): by tokens
         for req in batch:
             d = req.decode_worker
             if d is w:
                 w.ready.append(req)
             else:
-                dt = cost.exposed_transfer_time_s(w.hardware, req.prompt_tokens, w.kv_dtype, link,
-                                                  linear_mode=w.linear_mode)
+                dt = memo.get(req.prompt_tokens)
+                if dt is None:
+                    if len(memo) > _MEMO_MAX:
+                        memo.clear()
+                    dt = memo[req.prompt_tokens] = self.cost.exposed_transfer_time_s(
+                        w.hardware, req.prompt_tokens, w.kv_dtype, self.link, linear_mode=w.linear_mode)
                 out.append((t + dt, self._on_kv_arrived, req))
         ev = self._iterate(w, t)
         if ev is not None:
@@ -343,7 +346,8 @@ class Simulator:
             else:
                 dt = self.cost.prefill_batch_time_s(w.hardware, [r.prompt_tokens for r in batch],
                                                     linear_mode=w.linear_mode)
-            w.set_phase(t, WorkerPhase.PREFILL, self.fleet_power)
+            if w.phase is not WorkerPhase.PREFILL:
+                w.set_phase(t, WorkerPhase.PREFILL, self.fleet_power)
             return (t + dt, self._on_prefill_done, w)
         n = w.num_running
         if n:
@@ -386,9 +390,11 @@ class Simulator:
                     ctx += n
             w.run_bounds = bounds
             w.run_version += 1
-            w.set_phase(t, WorkerPhase.DECODE, self.fleet_power)
+            if w.phase is not WorkerPhase.DECODE:  # (set_phase does nothing then: skip the call)
+                w.set_phase(t, WorkerPhase.DECODE, self.fleet_power)
             return (tt, self._on_step_done, (w, w.run_version))
-        w.set_phase(t, WorkerPhase.IDLE, self.fleet_power)
+        if w.phase is not WorkerPhase.IDLE:
+            w.set_phase(t, WorkerPhase.IDLE, self.fleet_power)
         return None
 
     def _cut_run(self, w: SimWorker, t: float) -> None:

@@ -119,3 +119,32 @@ def test_memory_bound_flag_holds_for_the_float_comparison_it_replaces(shape):
                     if bound:
                         assert not compute > memory, (hw, kv, batch, ctx)
     assert flagged > 0  # the shipped catalog's decode steps are memory-bound in attention
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**40), st.floats(0.5, 500.0), st.floats(1.0, 5000.0), st.floats(0.0, 2.5),
+       st.floats(1.0, 800.0), st.floats(0.0, 2.0), st.integers(1, 64), st.integers(64, 20000))
+def test_poisson_lognormal_stream_draws_what_the_samplers_draw(seed, rate, p_med, p_sigma, o_med, o_sigma,
+                                                               lo, hi):
+    from orchestrator.sim.workload import (
+        _poisson_lognormal,
+        _sampled,
+        interarrival_sampler,
+        length_sampler,
+        parse_workload,
+    )
+
+    arrival = {"process": "poisson", "rate_rps": rate}
+    p = {"dist": "lognormal", "median": p_med, "sigma": p_sigma, "min": lo, "max": hi}
+    o = {"dist": "lognormal", "median": o_med, "sigma": o_sigma, "min": lo, "max": hi}
+    raw = {"seed": seed, "arrival": arrival, "prompt_tokens": p, "output_tokens": o, "sla_class": "x"}
+    spec = parse_workload(raw)
+    fast = spec.requests(300)
+    assert fast.__name__ == _poisson_lognormal.__name__  # the written-out stream is the one used
+    plain = _sampled(random.Random(seed), interarrival_sampler(arrival), length_sampler(p, "p"),
+                     length_sampler(o, "o"), "x", 300)
+
+    def key(r):
+        return (r.request_id, r.arrival_s, r.prompt_tokens, r.output_tokens, r.sla_class)
+
+    assert [key(r) for r in fast] == [key(r) for r in plain]
