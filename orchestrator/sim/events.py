@@ -50,40 +50,9 @@ class EventLoop:
         """Run events in time order until the heap is empty or the next event is after `until_s`.
 
         Returns the time of the last event run. `progress(now_s)` is called every
-        `progress_every` events (for a progress bar).
+        `progress_every` events (for a progress bar). (`run_merged` with no arrivals.)
         """
-        heap = self._heap
-        pop = heapq.heappop
-        push = heapq.heappush
-        seq = self._seq
-        n = 0
-        while heap:
-            if heap[0][0] > until_s:
-                break
-            t, _, handler, arg = pop(heap)
-            self.now_s = t
-            self._seq = seq
-            out = handler(arg)
-            seq = self._seq
-            n += 1
-            if out is not None:
-                if type(out) is tuple:
-                    tt = out[0]
-                    if tt < t:
-                        raise SimulationError(f"handler {handler} returned an event at {tt} s < now {t} s")
-                    seq += 1
-                    push(heap, (tt, seq, out[1], out[2]))
-                else:
-                    for tt, h, a in out:
-                        if tt < t:
-                            raise SimulationError(f"handler {handler} returned an event at {tt} s < now {t} s")
-                        seq += 1
-                        push(heap, (tt, seq, h, a))
-            if progress is not None and n % progress_every == 0:
-                progress(t)
-        self._seq = seq
-        self.events_run += n
-        return self.now_s
+        return self.run_merged(iter(()), _no_arrival, _no_arrival, until_s, progress, progress_every)
 
     def run_merged(self, arrivals: Iterator[Any], on_arrival: Handler, time_of: Callable[[Any], float],
                    until_s: float = math.inf, progress: Callable[[float], None] | None = None,
@@ -166,3 +135,7 @@ class EventLoop:
         self.events_run += n
         self.pending_arrival = nxt
         return self.now_s
+
+
+def _no_arrival(_: Any) -> Any:  # pragma: no cover - `run` passes no arrivals, so it is never called
+    raise AssertionError("run() has no arrivals")
