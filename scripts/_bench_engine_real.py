@@ -128,9 +128,17 @@ def time_decode(engine: Engine, batch: int, ctx: int, warmup: int, reps: int, se
     try:
         for _ in range(warmup):
             assert len(engine.step()) == batch
+        # intervals between consecutive step() returns, no device syncs in between: with decode lookahead
+        # (workers/engine/lookahead.py) a step returns while the next one runs on the GPU, so a sync around
+        # each step would measure the steps one after another instead of the steady state
+        _sync()
         times = []
+        t0 = time.perf_counter()
         for _ in range(reps):
-            times.append(_sync_ms(engine.step))
+            assert len(engine.step()) == batch
+            t1 = time.perf_counter()
+            times.append((t1 - t0) * 1e3)
+            t0 = t1
         replay_ms = _replay_ms(engine, reps)
     finally:
         for rid in ids:
@@ -138,7 +146,7 @@ def time_decode(engine: Engine, batch: int, ctx: int, warmup: int, reps: int, se
     engine.assert_no_leaks()
     ms = statistics.median(times)
     return dict(batch=batch, ctx=ctx, step_ms=ms, tokens_per_s=batch / ms * 1e3, step_ms_min=min(times),
-                step_ms_max=max(times), reps=reps, graph_replay_ms=replay_ms)
+                step_ms_max=max(times), reps=reps, graph_replay_ms=replay_ms, lookahead=engine._lookahead)
 
 
 def _replay_ms(engine: Engine, reps: int) -> float | None:
@@ -202,8 +210,9 @@ def profile_prefill(engine: Engine, prompt_len: int, other: dict[str, float] | N
     return parts
 
 
-def build_engine(mode: str, num_layers: int | None, capacity_tokens: int, max_batch: int, max_len: int) -> Engine:
-    cfg = EngineConfig(model="llama-3.1-8b-shape", num_layers=num_layers, dtype=ComputeDtype.BF16,
+def build_engine(mode: str, num_layers: int | None, capacity_tokens: int, max_batch: int, max_len: int,
+                 lookahead: bool | None = None) -> Engine:
+    cfg = EngineConfig(model="llama-3.1-8b-shape", num_layers=num_layers, dtype=ComputeDtype.BF16, lookahead=lookahead,
                        block_size=BLOCK_SIZE, num_blocks=blocks_for(capacity_tokens, BLOCK_SIZE),
                        max_batch_size=max_batch, max_model_len=max_len, device="cuda", init_on_device=True,
                        **MODES[mode])  # type: ignore[arg-type]
@@ -212,7 +221,8 @@ def build_engine(mode: str, num_layers: int | None, capacity_tokens: int, max_ba
 
 def run_engine_bench(batches: list[int], contexts: list[int], prompts: list[int], num_layers: int | None,
                      capacity_tokens: int, warmup: int, reps: int, prefill_reps: int,
-                     eager_point: tuple[int, int] | None, log: Any = print, profile: bool = False) -> dict[str, Any]:
+                     eager_point: tuple[int, int] | None, log: Any = print, profile: bool = False,
+                     lookahead: bool | None = None) -> dict[str, Any]:
     extra = warmup + reps + 2
     max_len = max(max(contexts) + extra, max(prompts) + 1)
     res: dict[str, Any] = {"prefill": [], "decode": [], "skipped": [], "capacity_tokens": capacity_tokens,
@@ -221,7 +231,7 @@ def run_engine_bench(batches: list[int], contexts: list[int], prompts: list[int]
         gc.collect()
         torch.cuda.empty_cache()
         t0 = time.perf_counter()
-        eng = build_engine(mode, num_layers, capacity_tokens, max(batches), max_len)
+        eng = build_engine(mode, num_layers, capacity_tokens, max(batches), max_len, lookahead)
         log(f"[{mode}] engine built in {time.perf_counter() - t0:.1f} s; backend={eng.ops.backend} "
             f"graphs={eng.uses_cuda_graphs} kv={eng.cache.nbytes() / 2**30:.1f} GiB "
             f"allocated={torch.cuda.memory_allocated() / 2**30:.1f} GiB")

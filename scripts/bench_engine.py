@@ -50,6 +50,8 @@ def main() -> int:
     ap.add_argument("--engine", action="store_true", help="measure workers.engine.Engine instead of the stack")
     ap.add_argument("--kv-tokens", type=int, default=200_000, help="--engine: KV cache capacity in tokens")
     ap.add_argument("--reps", type=int, default=10, help="--engine: timed decode steps per point")
+    ap.add_argument("--lookahead", choices=("default", "on", "off"), default="default",
+                    help="--engine: decode lookahead (EngineConfig.lookahead; default: on with CUDA graphs)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_engine needs a CUDA GPU", file=sys.stderr)
@@ -135,7 +137,8 @@ def engine_main(args: argparse.Namespace, batches: list[int], contexts: list[int
     eager = (64, 2048) if 64 in batches and 2048 in contexts else None
     res.update(run_engine_bench(batches, contexts, prompts, None if args.layers == 32 else args.layers,
                                 args.kv_tokens, warmup=3, reps=args.reps, prefill_reps=args.prefill_reps,
-                                eager_point=eager, log=lambda m: print(m, flush=True), profile=args.profile))
+                                eager_point=eager, log=lambda m: print(m, flush=True), profile=args.profile,
+                                lookahead={"default": None, "on": True, "off": False}[args.lookahead]))
     pre = {(r["mode"], r["prompt"]): r["prefill_ms"] for r in res["prefill"]}
     dec = {(r["mode"], r["batch"], r["ctx"]): r["tokens_per_s"] for r in res["decode"] if r["graphs"]}
     rows = [dict(what=f"prefill {p} tokens, fp8/bf16 time", ratio=pre[("fp8", p)] / pre[("bf16", p)],

@@ -27,6 +27,9 @@ class EngineConfig:
     ops_backend: force an ops backend by name (`reference` = plain torch); None = best registered for the device.
     cuda_graphs: on CUDA with a graph-safe ops backend, replay decode steps as CUDA graphs (see cuda_graphs.py);
         ignored elsewhere.
+    lookahead: one decode step of lookahead (lookahead.py: the host work of a step overlaps the GPU work of the
+        step before; greedy batches only; same tokens). None = on where decode steps are CUDA graphs; True also
+        on other devices (tests); False = off.
     init_on_device: random-weight presets only: draw the weights on the device, in the compute dtype (fast,
         no host copy; a different draw from the default host one, so engines must agree on this flag to
         exchange KV). For benchmarks of large shapes.
@@ -49,6 +52,7 @@ class EngineConfig:
     ops_backend: str | None = None
     cuda_graphs: bool = True
     init_on_device: bool = False
+    lookahead: bool | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field (called by Engine before it allocates anything)."""
@@ -72,6 +76,8 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be an integer >= 1, got {value!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ValueError(f"EngineConfig.max_model_len must be an integer >= 2 or None, got {self.max_model_len!r}")
+        if self.lookahead is not None and not isinstance(self.lookahead, bool):
+            raise ValueError(f"EngineConfig.lookahead must be true, false or None, got {self.lookahead!r}")
         if self.num_layers is not None and (not isinstance(self.num_layers, int) or self.num_layers < 1):
             raise ValueError(f"EngineConfig.num_layers must be an integer >= 1 or None, got {self.num_layers!r}")
 

@@ -68,6 +68,11 @@ class DecodeGraphs:
             # the block tables: the kernels' per-token index arithmetic then stays 32-bit
             self.meta = torch.zeros(4, top, dtype=torch.int32, device=device)
             self.tables = torch.zeros(top, max_width, dtype=torch.int32, device=device)
+            self._rows = torch.zeros(top, dtype=torch.int32, device=device)  # lookahead: token source rows
+            # pinned host staging, two of each, used in turn (run's docstring)
+            self._stage = [torch.zeros(5, top, dtype=torch.int32, pin_memory=True) for _ in range(2)]
+            self._table_stage = [torch.zeros(top, max_width, dtype=torch.int32, pin_memory=True) for _ in range(2)]
+            self._turn = 0
 
     def fits(self, batch: int, width: int) -> bool:
         return not self.failed and batch <= self.max_batch and width <= self.max_width
@@ -109,12 +114,20 @@ class DecodeGraphs:
         slots: list[int],
         block_lists: list[list[int]],
         batch_key: object,
+        token_rows: list[int] | None = None,
+        token_src: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One decode step → logits [B, V] float32 (a view, valid until the next replay).
+        """Launch one decode step → logits [B, V] float32 (a view, valid until the next replay). Does not wait
+        for the GPU: read the result after synchronizing (the engine's `.tolist()` or an event).
 
         tokens/positions/slots: one per sequence; block_lists: each sequence's block table. batch_key
         identifies the batch's block tables: when it equals the previous call's, the table on the device is
-        reused as is (a running sequence's block list never changes), else it is uploaded again."""
+        reused as is (a running sequence's block list never changes), else it is uploaded again.
+        token_rows/token_src (lookahead, engine.py): where token_rows[i] >= 0, sequence i's input token is
+        token_src[token_rows[i]] — a token still on the device, picked by the step before — instead of
+        tokens[i]. Host inputs go through pinned buffers (two, used in turn) and asynchronous copies, so the
+        host does not wait for a step still running; a buffer is rewritten two launches later, after the
+        engine has waited for the launch between."""
         n = len(tokens)
         width = max(len(bl) for bl in block_lists)
         b = batch_bucket(n)
@@ -126,13 +139,23 @@ class DecodeGraphs:
         graph, out = self.graphs[key]
         pad = b - n
         ctx = [p + 1 for p in positions]
-        host = torch.tensor([tokens + [0] * pad, positions + [0] * pad, slots + [-1] * pad, ctx + [1] * pad],
-                            dtype=torch.int32)
-        self.meta[:, :b].copy_(host)
+        self._turn ^= 1
+        stage = self._stage[self._turn]
+        stage[:, :b] = torch.tensor(
+            [tokens + [0] * pad, positions + [0] * pad, slots + [-1] * pad, ctx + [1] * pad,
+             (token_rows if token_rows is not None else [-1] * n) + [-1] * pad], dtype=torch.int32)
+        self.meta[:, :b].copy_(stage[:4, :b], non_blocking=True)
+        if token_rows is not None and token_src is not None:
+            rows = self._rows[:b]
+            rows.copy_(stage[4, :b], non_blocking=True)
+            picked = token_src.index_select(0, rows.clamp(min=0).long()).to(torch.int32)
+            self.meta[0, :b] = torch.where(rows >= 0, picked, self.meta[0, :b])
         table_key = (batch_key, b, w)
         if table_key != self._table_key:
-            rows = [bl + [0] * (w - len(bl)) for bl in block_lists] + [[0] * w] * pad
-            self.tables[:b, :w].copy_(torch.tensor(rows, dtype=torch.int32))
+            tstage = self._table_stage[self._turn]
+            tstage[:b, :w] = torch.tensor([bl + [0] * (w - len(bl)) for bl in block_lists] + [[0] * w] * pad,
+                                          dtype=torch.int32)
+            self.tables[:b, :w].copy_(tstage[:b, :w], non_blocking=True)
             self._table_key = table_key
         graph.replay()
         return out[:n]

@@ -6,7 +6,10 @@ and emit their first token; (3) every request that was already running decodes o
 batch. A request reserves KV blocks for min(prompt + max_tokens, max_model_len) tokens when it is
 admitted, so a running request never waits for memory and the scheduler never deadlocks; a request
 that could never fit is refused by `add_request`. Finished, aborted and failed requests free their
-blocks at once. Not thread-safe: one caller drives an engine.
+blocks at once (a block that a launched decode step may still write comes back when the engine has waited
+for that step). Decode lookahead (lookahead.py, on by default with CUDA graphs): step (3) launches the next
+step's decode from the device's own picks before it waits for this one, so the host work of a step overlaps
+the GPU work; the tokens are the same. Not thread-safe: one caller drives an engine.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from workers.engine.errors import (
 from workers.engine.kv_cache import PagedKVCache, blocks_for
 from workers.engine.kv_import import KVImportMixin
 from workers.engine.loader import load_model
+from workers.engine.lookahead import Launch, finish_launch, next_rows
 from workers.engine.model import LlamaModel
 from workers.engine.ops import get_ops
 from workers.engine.sampling import sample_token
@@ -91,6 +95,9 @@ class Engine(KVImportMixin):
                 and cfg.linear_mode in (LinearMode.BF16, LinearMode.FP8_DYNAMIC) and cfg.rounding is Rounding.NEAREST):
             self._graphs = DecodeGraphs(self.model, self.cache, cfg.max_batch_size,
                                         blocks_for(self.max_model_len, cfg.block_size), self.device)
+        # one step of decode lookahead (lookahead.py): by default where decode steps are CUDA graphs
+        self._lookahead = self._graphs is not None if cfg.lookahead is None else bool(cfg.lookahead)
+        self._ahead: Launch | None = None  # the launched step the next decode will read
 
     @property
     def uses_cuda_graphs(self) -> bool:
@@ -174,6 +181,8 @@ class Engine(KVImportMixin):
         if request_id in self._running:
             self._running.remove(request_id)
         self._free(seq)
+        if not self._running:
+            self._retire()
 
     def has_unfinished(self) -> bool:
         """True while any request is waiting, ready or running (KV reservations do not count)."""
@@ -181,8 +190,20 @@ class Engine(KVImportMixin):
 
     def _free(self, seq: Sequence) -> None:
         if seq.blocks:
-            self.cache.allocator.free(seq.blocks)
+            ahead = self._ahead
+            if ahead is not None and seq.serial in ahead.row_of:  # a launched step may still write them
+                ahead.deferred.append(seq.blocks)
+            else:
+                self.cache.allocator.free(seq.blocks)
             seq.blocks = []
+
+    def _retire(self) -> None:
+        """Wait for the launched lookahead step, if any, drop its results and free the blocks it held."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead.tokens()
+            for blocks in ahead.deferred:
+                self.cache.allocator.free(blocks)
 
     def _finish(self, seq: Sequence) -> None:
         self._seqs.pop(seq.request_id, None)
@@ -232,6 +253,8 @@ class Engine(KVImportMixin):
             outputs.extend(self._guarded([seq], self._prefill_one))
         if decode_ids:
             outputs.extend(self._guarded([self._seqs[i] for i in decode_ids], self._decode_batch))
+        elif self._ahead is not None:
+            self._retire()
         return outputs
 
     def _guarded(
@@ -242,6 +265,11 @@ class Engine(KVImportMixin):
             return fn(seqs)
         except Exception:
             log.exception("forward pass failed; failing requests %s", [s.request_id for s in seqs])
+            try:
+                self._retire()
+            except Exception:
+                log.exception("waiting for the lookahead step failed too")
+                self._ahead = None
             for seq in seqs:
                 self._finish(seq)
             return [TokenOutput(s.request_id, -1, FinishReason.ERROR) for s in seqs]
@@ -259,31 +287,73 @@ class Engine(KVImportMixin):
         return [self._append(seq, self._sample(logits, seq))]
 
     def _decode_batch(self, seqs: list[Sequence]) -> list[TokenOutput]:
-        positions = [s.num_tokens - 1 for s in seqs]
+        if not (self._lookahead and all(s.sampling.greedy for s in seqs)):
+            self._retire()
+            return self._decode_now(seqs)
+        cur = self._ahead  # stays `_ahead` (its blocks deferred, waited for on failure) until the next launch
+        if cur is None or not cur.covers(seqs):
+            self._retire()  # a launch for another batch: wait for it, keep nothing from it
+            cur = self._ahead = self._launch(seqs, [s.num_tokens - 1 for s in seqs], [s.last_token for s in seqs])
+        # launch the next step before waiting for this one (lookahead.py)
+        running = [self._seqs[i] for i in self._running]
+        limit = self.max_model_len
+        nxt, positions, tokens, rows = next_rows(
+            cur, running, lambda s: len(s.outputs) + 1 >= s.sampling.max_tokens or s.num_tokens + 1 >= limit)
+        ahead = None
+        if nxt and all(s.sampling.greedy for s in nxt):
+            ahead = self._launch(nxt, positions, tokens, rows, cur.picks)
+        self._ahead = ahead
+        picks = cur.tokens()
+        for blocks in cur.deferred:
+            self.cache.allocator.free(blocks)
+        out = []
+        for s in seqs:
+            s.num_cached += 1
+            out.append(self._append(s, picks[cur.row_of[s.serial]]))
+        if not self._running:
+            self._retire()
+        return out
+
+    def _launch(self, seqs: list[Sequence], positions: list[int], tokens: list[int], rows: list[int] | None = None,
+                src: torch.Tensor | None = None) -> Launch:
+        """Launch a greedy decode step of seqs at positions; input tokens from the host, or (rows[i] >= 0) from
+        src[rows[i]] on the device. Does not wait for the GPU."""
         bs = self.block_size
         for s, pos in zip(seqs, positions, strict=True):
-            assert s.num_cached == pos and pos < len(s.blocks) * bs, "KV reservation invariant"
+            assert pos < len(s.blocks) * bs, "KV reservation invariant"
+        return finish_launch(seqs, positions, self._forward(seqs, positions, tokens, rows, src))
+
+    def _forward(self, seqs: list[Sequence], positions: list[int], tokens: list[int], rows: list[int] | None,
+                 src: torch.Tensor | None) -> torch.Tensor:
+        """Logits [B, V] of one decode step (graph replay when it fits, else eager); not waited for."""
+        bs = self.block_size
         width = max(len(s.blocks) for s in seqs)
-        logits = None
         if self._graphs is not None and self._graphs.fits(len(seqs), width):
             slot_list = [s.blocks[pos // bs] * bs + pos % bs for s, pos in zip(seqs, positions, strict=True)]
             try:
-                logits = self._graphs.run([s.last_token for s in seqs], positions, slot_list,
-                                          [s.blocks for s in seqs], tuple(s.serial for s in seqs))
+                return self._graphs.run(tokens, positions, slot_list, [s.blocks for s in seqs],
+                                        tuple(s.serial for s in seqs), rows, src)
             except Exception:  # a capture that fails disables graphs; this step runs eagerly
                 log.exception("CUDA graph capture/replay failed; decoding eagerly from now on")
                 self._graphs.failed = True
-        if logits is None:
-            tables = torch.zeros((len(seqs), width), dtype=torch.int64)
-            for i, s in enumerate(seqs):
-                tables[i, : len(s.blocks)] = torch.tensor(s.blocks, dtype=torch.int64)
-            pos_t = torch.tensor(positions, dtype=torch.int64)
-            slots = tables[torch.arange(len(seqs)), pos_t // bs] * bs + pos_t % bs
-            tokens = torch.tensor([s.last_token for s in seqs], dtype=torch.int64)
-            dev = self.device
-            logits = self.model.decode(
-                tokens.to(dev), pos_t.to(dev), self.cache, slots.to(dev), tables.to(dev), (pos_t + 1).to(dev)
-            )
+        tables = torch.zeros((len(seqs), width), dtype=torch.int64)
+        for i, s in enumerate(seqs):
+            tables[i, : len(s.blocks)] = torch.tensor(s.blocks, dtype=torch.int64)
+        pos_t = torch.tensor(positions, dtype=torch.int64)
+        slots = tables[torch.arange(len(seqs)), pos_t // bs] * bs + pos_t % bs
+        dev = self.device
+        tok = torch.tensor(tokens, dtype=torch.int64).to(dev)
+        if rows is not None and src is not None:
+            r = torch.tensor(rows, dtype=torch.int64).to(dev)
+            tok = torch.where(r >= 0, src.index_select(0, r.clamp(min=0)), tok)
+        return self.model.decode(tok, pos_t.to(dev), self.cache, slots.to(dev), tables.to(dev), (pos_t + 1).to(dev))
+
+    def _decode_now(self, seqs: list[Sequence]) -> list[TokenOutput]:
+        """A decode step without lookahead: launch, wait, sample on the host."""
+        positions = [s.num_tokens - 1 for s in seqs]
+        for s, pos in zip(seqs, positions, strict=True):
+            assert s.num_cached == pos and pos < len(s.blocks) * self.block_size, "KV reservation invariant"
+        logits = self._forward(seqs, positions, [s.last_token for s in seqs], None, None)
         if all(s.sampling.greedy for s in seqs):  # one device→host transfer for the whole batch
             picks = logits.argmax(dim=-1).tolist()
         else:

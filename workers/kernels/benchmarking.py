@@ -29,8 +29,20 @@ def env_info() -> dict[str, Any]:
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         info.update(device=p.name, sm_count=p.multi_processor_count, memory_gib=round(p.total_memory / 2**30, 1),
-                    l2_mib=round(getattr(p, "L2_cache_size", 0) / 2**20, 1))
+                    l2_mib=round(getattr(p, "L2_cache_size", 0) / 2**20, 1), gpu_serial=_gpu_serial())
     return info
+
+
+def _gpu_serial() -> str | None:
+    """The board serial (nvidia-smi), to tell lent machines apart: compare timings only within one machine."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=serial", "--format=csv,noheader", "-i", "0"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def time_ms(fn: Callable[[], Any], warmup_ms: int = 10, rep_ms: int = 40) -> float:

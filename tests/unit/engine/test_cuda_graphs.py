@@ -69,13 +69,16 @@ def test_graph_decode_matches_eager(model, num_layers, linear, kv, batch):
 
 @pytest.mark.gpu
 @needs_compiled_triton
-def test_graph_decode_matches_eager_as_the_batch_changes():
+@pytest.mark.parametrize("lookahead", [False, True], ids=["sync", "lookahead"])
+def test_graph_decode_matches_eager_as_the_batch_changes(lookahead):
     """Requests finish at different steps and others join mid-run: the batch shrinks, grows and changes
-    its block tables, so the graph runner must re-upload tables whenever the batch changes."""
+    its block tables, so the graph runner must re-upload tables whenever the batch changes; with decode
+    lookahead (the default with graphs) the next step is launched from the device's own picks."""
     kw = dict(device="cuda", dtype=ComputeDtype.BF16, linear_mode=LinearMode.FP8_DYNAMIC, kv_dtype=KVDtype.FP8_E4M3)
     results = []
     for graphs in (False, True):
-        eng = make_engine(cuda_graphs=graphs, **kw)
+        eng = make_engine(cuda_graphs=graphs, lookahead=lookahead and graphs, **kw)
+        assert eng._lookahead is (lookahead and graphs)
         ps = prompts(6, base_len=7)
         out: dict[str, list[int]] = {}
         for i in range(3):
