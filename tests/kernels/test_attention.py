@@ -63,3 +63,16 @@ def test_attention_rejects_bad_inputs():
     q = torch.randn(2, 8, 32).to(torch.bfloat16)
     with pytest.raises(KernelInputError, match="k_scale"):
         paged_decode_attention(q, kc8, kc8, torch.zeros(2, 2, dtype=torch.int32), torch.ones(2, dtype=torch.int32), 1.0)
+
+
+def test_split_count_policy():
+    """Enough programs for the GPU at small batch, never splits shorter than 2 x BLOCK_T, at most MAX_SPLITS, and
+    large batches unsplit or barely split."""
+    from workers.kernels.attention import MAX_SPLITS, choose_num_splits
+
+    assert choose_num_splits(1, 8, 8192, 32, 132, num_warps=1) == 128  # 1056 programs wanted, 128 splits of 64
+    assert choose_num_splits(1, 8, 2048, 32, 132, num_warps=1) == 32  # capped: 32 splits of 64 tokens
+    assert choose_num_splits(64, 8, 2048, 32, 132, num_warps=1) == 2
+    for batch, ctx, bt, warps in [(1, 100_000, 32, 1), (2, 8192, 64, 2), (1, 64, 32, 1), (128, 512, 32, 1)]:
+        n = choose_num_splits(batch, 8, ctx, bt, 132, num_warps=warps)
+        assert 1 <= n <= MAX_SPLITS and (n == 1 or ctx / n >= 2 * bt)
