@@ -1,6 +1,7 @@
 # The two quick-start commands (README): `make demo` and `make test`. Both set up .venv first;
-# `make test` also sets up .venv-vllm (vLLM for CPU, its own environment: it pins its own torch) and
-# runs the vLLM tests there.
+# `make test` also sets up .venv-vllm (vLLM for CPU, its own environment: it pins its own torch),
+# builds the simulator's compiled modules (`sim-compiled`, ~1.5 min; their tests compare them with pure
+# Python) and runs the vLLM tests there.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -40,7 +41,7 @@ demo: setup
 generate: setup
 	$(BIN)/tandem generate --model tiny --prompt "Hello, Tandem" --max-tokens 16
 
-test: setup setup-vllm
+test: setup setup-vllm sim-compiled
 	$(BIN)/python -m pytest
 	$(MAKE) test-vllm
 
@@ -50,3 +51,9 @@ test-vllm: setup-vllm
 lint: setup
 	$(BIN)/ruff check orchestrator workers tests scripts
 	$(BIN)/mypy
+
+# The simulator's hot modules compiled with mypyc into build/sim-compiled/ (opt-in: `tandem simulate
+# --compiled`, `scripts/bench_sim.py --compiled`; a stale build is refused): orchestrator/sim/compiled.py
+.PHONY: sim-compiled
+sim-compiled: setup
+	$(BIN)/python scripts/build_sim_compiled.py

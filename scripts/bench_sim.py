@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench_sim.py [--requests 1000000] [--rate 150] [--out bench_sim.json]
     .venv/bin/python scripts/bench_sim.py --requests 100000 --digest   # the outcome check, not a timing
+    .venv/bin/python scripts/bench_sim.py --compiled ...   # the mypyc build of `make sim-compiled`
 
 Simulates `--requests` requests of `cluster_configs/sim/workloads/chat-poisson.yaml` (at `--rate`)
 on the 32-worker heterogeneous fleet `cluster_configs/sim/serving/bench-32-heterogeneous.yaml`,
@@ -13,6 +14,10 @@ the full JSON report (every percentile, decisions by reason, energy, per-pool fi
 TTFT/TPOT series, power over time; the `events` count left out: it depends on how decode steps are
 grouped into events, not on the outcome), of the decision log (request, decode, prefill, reason),
 of the finish order and of the fleet power timeline. A speed change must leave them identical.
+
+`--compiled` (or TANDEM_SIM_COMPILED=1) runs the hot modules compiled by `make sim-compiled`
+(orchestrator/sim/compiled.py) when the build matches the sources, else pure Python with a warning;
+the table, the JSON and the digest output say which ran.
 """
 
 from __future__ import annotations
@@ -29,13 +34,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from orchestrator.config.loader import load_config  # noqa: E402
-from orchestrator.sim.build import build_simulation  # noqa: E402
-from orchestrator.sim.workload import load_workload  # noqa: E402
+from orchestrator.sim import compiled  # noqa: E402  (imports none of the compiled modules)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--compiled", action="store_true",
+                    help=f"use the mypyc build (`make sim-compiled`; or {compiled.ENV_VAR}=1); pure Python if stale")
     ap.add_argument("--requests", type=int, default=1_000_000)
     ap.add_argument("--rate", type=float, default=150.0, help="arrival rate (req/s)")
     ap.add_argument("--config", default=str(ROOT / "cluster_configs/sim/serving/bench-32-heterogeneous.yaml"))
@@ -43,8 +48,14 @@ def main() -> int:
     ap.add_argument("--out", default="bench_sim.json")
     ap.add_argument("--digest", action="store_true", help="print outcome digests (see above) instead of timing")
     args = ap.parse_args()
+    if compiled.requested(args.compiled):
+        compiled.enable()  # before the first import of a compiled module (warns and runs pure if stale)
     if args.digest:
         return digest(args)
+
+    from orchestrator.config.loader import load_config
+    from orchestrator.sim.build import build_simulation
+    from orchestrator.sim.workload import load_workload
 
     config = load_config(args.config)
     workload = load_workload(args.workload).with_rate(args.rate)
@@ -53,25 +64,34 @@ def main() -> int:
     build_s = time.perf_counter() - t0
 
     # time spent in the core's decisions (admission + router), measured around the bridge's calls
+    # (by a stand-in that forwards to it: a compiled bridge's methods cannot be replaced)
     bridge = sim.decisions
     spent = [0.0]
-    offer, drain = bridge.offer, bridge.drain
 
-    def timed_offer(req, now_s):
-        t = time.perf_counter()
-        try:
-            return offer(req, now_s)
-        finally:
-            spent[0] += time.perf_counter() - t
+    class TimedBridge:
+        def __init__(self) -> None:
+            self.mark = bridge.mark
+            self.abandon = bridge.abandon
 
-    def timed_drain(now_s):
-        t = time.perf_counter()
-        try:
-            return drain(now_s)
-        finally:
-            spent[0] += time.perf_counter() - t
+        @property
+        def queued(self) -> int:
+            return bridge.queued
 
-    bridge.offer, bridge.drain = timed_offer, timed_drain
+        def offer(self, req, now_s):
+            t = time.perf_counter()
+            try:
+                return bridge.offer(req, now_s)
+            finally:
+                spent[0] += time.perf_counter() - t
+
+        def drain(self, now_s):
+            t = time.perf_counter()
+            try:
+                return bridge.drain(now_s)
+            finally:
+                spent[0] += time.perf_counter() - t
+
+    sim.decisions = TimedBridge()
     load_before = os.getloadavg()[0]  # the box is shared: its load moves CPU seconds by up to ~1.5x
     t0 = time.perf_counter()
     c0 = time.process_time()
@@ -103,6 +123,7 @@ def main() -> int:
         "decisions": report.decisions,
         "leaks": leaks,
     }
+    print(f"{'compiled':<24}{str(compiled.status().compiled):>16}   ({compiled.status().detail})")
     print(f"{'metric':<24}{'value':>16}")
     for k, v in row.items():
         if not isinstance(v, dict | list):
@@ -118,6 +139,9 @@ def main() -> int:
         "config": os.path.relpath(args.config, ROOT),
         "workload": os.path.relpath(args.workload, ROOT),
         "load_avg_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "compiled": compiled.status().compiled,  # the mypyc build ran (orchestrator/sim/compiled.py)
+        "compiled_modules": len(compiled.loaded_compiled()),
+        "compiled_status": f"{compiled.status().state.value}: {compiled.status().detail}",
     }
     Path(args.out).write_text(json.dumps({"meta": meta, "result": row}, indent=2))
     print(f"wrote {args.out}")
@@ -127,7 +151,9 @@ def main() -> int:
 def digest(args: argparse.Namespace) -> int:
     import hashlib
 
-    from orchestrator.sim.build import SimOptions
+    from orchestrator.config.loader import load_config
+    from orchestrator.sim.build import SimOptions, build_simulation
+    from orchestrator.sim.workload import load_workload
 
     def sha(x: object) -> str:
         return hashlib.sha256(json.dumps(x, sort_keys=True).encode()).hexdigest()[:16]
@@ -148,6 +174,8 @@ def digest(args: argparse.Namespace) -> int:
         "ttft_ms": report.ttft_ms,
         "decisions": report.decisions,
         "leaks": sim.leak_report(),
+        "compiled": compiled.status().compiled,
+        "compiled_modules": len(compiled.loaded_compiled()),
     }
     print(json.dumps(out, indent=1))
     return 0 if not out["leaks"] else 1

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from orchestrator.config.models import SLAClass, TandemConfig
 from orchestrator.core.router import RouteEval, Router
 from orchestrator.core.snapshot import ClusterSnapshot, RouteRequest
+from orchestrator.core.types import mypyc_attr
 
 
 class AdmissionAction(enum.StrEnum):
@@ -81,6 +82,7 @@ class QueueView:
         return sum(self.waiting_by_class.values())
 
 
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True, init=False)
 class AdmissionDecision:
     """Admit, queue or reject, why, and when to retry. `__init__` is written out (the fields'
@@ -146,6 +148,8 @@ class Admission:
         for c in config.sla.classes:
             self._classes.setdefault(c.name, c)
         self._default_class = config.sla.default
+        self._max_model_len = config.model.max_model_len  # (read per request from the frozen config)
+        self._reject_unreachable = config.admission.reject_unreachable_sla
 
     def _retry(self, wait_ms: float | None = None) -> float:
         floor = self.config.admission.min_retry_after_s
@@ -166,7 +170,7 @@ class Admission:
                 rid, AdmissionAction.REJECT, AdmissionReason.UNKNOWN_SLA_CLASS, None,
                 f"unknown SLA class {req.sla_class!r}; classes: {names}", self._retry(),
             )
-        limit = cfg.model.max_model_len
+        limit = self._max_model_len  # cfg.model.max_model_len
         kv_tokens = req.prompt_tokens + req.max_tokens  # req.kv_tokens
         if kv_tokens > limit:
             return AdmissionDecision(
@@ -188,7 +192,7 @@ class Admission:
             )
         ev = self.last_evaluation = self.router.evaluate(req, snap)
         best = self.router.best_ttft_ms(req, snap, ev)
-        if cfg.admission.reject_unreachable_sla and best is not None and best > sla.ttft_ms:
+        if self._reject_unreachable and best is not None and best > sla.ttft_ms:  # cfg.admission.reject_unreachable_sla
             return AdmissionDecision(
                 rid, AdmissionAction.REJECT, AdmissionReason.SLA_UNREACHABLE, sla.name,
                 f"best predicted TTFT {best:.0f}ms > class {sla.name} target {sla.ttft_ms:.0f}ms",

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrator.core.hardware import GemmKind, HardwareCatalog, HardwareSpec, LinkSpec, Phase
 from orchestrator.core.model_shape import ModelShape
-from orchestrator.core.types import KVDtype, LinearMode, TandemError
+from orchestrator.core.types import KVDtype, LinearMode, TandemError, mypyc_attr
 
 if TYPE_CHECKING:
     from orchestrator.core.calibration import CalibrationProfile
@@ -42,6 +42,7 @@ _ACT_BYTES = 2  # bf16 activations
 _CACHE_MAX = 1 << 20  # entries of a memo table before it is cleared
 
 
+@mypyc_attr(native_class=False)
 class InvalidCostQuery(TandemError, ValueError):
     """A cost query with impossible arguments (negative tokens, utilization outside [0, 1], ...)."""
 
@@ -131,7 +132,7 @@ class CostModel:
         t = self._linear_cache.get(key)
         if t is None:
             kind = GemmKind.for_linear_mode(linear_mode)
-            total = 0  # the sum over the layer's GEMMs in order, as sum() adds them
+            total = 0.0  # the sum over the layer's GEMMs in order, as sum() adds them (0.0 + x is 0 + x)
             for k, n in self._layer_gemms:
                 total += self._gemm(spec, num_rows, k, n, kind)
             t = self.model.num_layers * total

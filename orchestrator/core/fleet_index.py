@@ -30,21 +30,22 @@ sequences (tests/unit/core/test_fleet_index.py).
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right, insort
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Final
 
 from orchestrator.core.hardware import Phase
 from orchestrator.core.snapshot import ClusterSnapshot, SnapshotChanges, WorkerSnapshot
 
 if TYPE_CHECKING:
-    from orchestrator.core.estimates import Estimator, Scan
+    from orchestrator.core.estimates import Estimator, Scan, _Tables
     from orchestrator.core.power import PowerAccountant
 
 # A decode worker's place in the order is one int: (running + waiting, −free blocks, index) packed as
 # load << (F + I) | (free_max − free) << I | index, with F and I the bits of the fleet's largest KV
 # cache (in blocks) and of its worker count — workers are sorted by id, so index order is id order.
 # (Small ints: for a fleet of 32 workers with 2**20 blocks each, single-digit ints while load < 16.)
-_BEYOND = 1 << 62  # above any worker index: (q, _BEYOND) sorts after every prefill entry of that q
-_OWN_MAX = 100_000  # prompt lengths remembered by remote_scan before its memo is cleared
+_BEYOND: Final = 1 << 62  # above any worker index: (q, _BEYOND) sorts after every prefill entry of that q
+_OWN_MAX: Final = 100_000  # prompt lengths remembered by remote_scan before its memo is cleared
 _EXACT_W = float(1 << 40)  # integer draws below this many watts sum exactly in fleets of < _EXACT_FLEET
 _EXACT_FLEET = 1 << 12
 
@@ -150,7 +151,7 @@ class FleetIndex:
         self._own = {}
         # decode workers: the position of their (hardware, pool) in remote_scan's memo's local part
         local: dict[tuple[str, str], int] = {}
-        self._local_reps: list[WorkerSnapshot] = []
+        self._local_reps = []
         self._dpos = [-1] * n
         for i, w in enumerate(ws):
             if self._kind[i] & 1:
@@ -167,7 +168,7 @@ class FleetIndex:
                 self._pq[i] = -1.0  # not in its group yet
         self._apply(ws, range(n))
 
-    def _apply(self, ws: tuple[WorkerSnapshot, ...], changed: Any) -> None:
+    def _apply(self, ws: tuple[WorkerSnapshot, ...], changed: Iterable[int]) -> None:
         """Update the views for the workers at the indices `changed` (repeats allowed)."""
         kind = self._kind
         dkey = self._dkey
@@ -188,8 +189,11 @@ class FleetIndex:
             f = w.__dict__  # the dataclass's fields (a dict read: cheaper than the attribute)
             k = kind[i]
             if k & 1:
-                free = f["free_kv_blocks"]
-                load = f["running_batch"] + f["waiting"]
+                # (typed locals: native int arithmetic when compiled; nothing at run time in CPython)
+                free: int = f["free_kv_blocks"]
+                running: int = f["running_batch"]
+                waiting: int = f["waiting"]
+                load = running + waiting
                 if not 0 <= free <= free_max or load < 0:
                     self._usable = False  # outside what the packed key can order: scan instead
                     return
@@ -200,15 +204,15 @@ class FleetIndex:
                         del dec[bisect_left(dec, old)]
                     insort(dec, key)
                     dkey[i] = key
-                cap[i] = free * f["block_size"]
+                block_size: int = f["block_size"]
+                cap[i] = free * block_size
             if k & 2:
-                n = f["queued_prefill_tokens"]
+                n: int = f["queued_prefill_tokens"]
+                q: float = 0.0  # (typed: native float compares when compiled)
                 if n > 0:
-                    q = self._ptab[i].prefill.get(n)  # the estimator's memo, else prefill_s fills it
-                    if q is None:
-                        q = prefill_s(w, n)
-                else:
-                    q = 0.0
+                    tab: _Tables = self._ptab[i]  # (typed: native access when compiled)
+                    memo: float | None = tab.prefill.get(n)  # the estimator's memo, else prefill_s
+                    q = prefill_s(w, n) if memo is None else memo
                 old_q = pq[i]
                 if q != old_q:
                     g = self._pgroup[i]
@@ -260,9 +264,10 @@ class FleetIndex:
         """`Estimator.local_s(d, prompt_tokens)` for a decode worker `d` of the snapshot: the same floats."""
         i = self._index_of[d.worker_id]
         own = self._own.get(prompt_tokens) or self._own_of(prompt_tokens)
-        n = d.__dict__["queued_prefill_tokens"]
+        n: int = d.__dict__["queued_prefill_tokens"]
         if n > 0:
-            q = self._ptab[i].prefill.get(n)  # est.prefill_s(d, n), from its memo when there
+            tab: _Tables = self._ptab[i]
+            q = tab.prefill.get(n)  # est.prefill_s(d, n), from its memo when there
             if q is None:
                 q = self.estimator.prefill_s(d, n)
         else:
@@ -279,7 +284,13 @@ class FleetIndex:
         fast_t = 0.0
         fast_i = -1
         f_q = f_pf = f_tr = 0.0
-        for g, (pf, tr) in zip(self._group_lists, own[0], strict=True):
+        groups = self._group_lists
+        times = own[0]
+        if len(times) != len(groups):
+            raise AssertionError("FleetIndex: a prompt memo made for other prefill groups")
+        for x in range(len(groups)):  # (indexed, not zip: native loops when compiled)
+            g = groups[x]
+            pf, tr = times[x]
             ptr = pf + tr
             q, gi = g[0]
             t = (q + pf + tr) * 1e3  # remote_best_ttft_ms's sum: the group's lowest (monotone in q)
@@ -290,7 +301,8 @@ class FleetIndex:
             # a later worker whose key rounds to the same value may have a lower id: look at the first
             # (lowest id) worker of each next distinct q while the key stays the same
             n = len(g)
-            j = bisect_right(g, (q, _BEYOND))
+            # the first entry of a larger q: the next one, unless it has the same q (then bisect)
+            j = 1 if n == 1 or g[1][0] > q else bisect_right(g, (q, _BEYOND))
             while j < n:
                 q2, i2 = g[j]
                 if (q2 + ptr) * 1e3 != k:

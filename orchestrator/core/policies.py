@@ -31,6 +31,8 @@ from orchestrator.core.estimates import Local, Placement, Scan, _fmt
 from orchestrator.core.router import Candidate, RouteContext, RouteReason, register_policy
 from orchestrator.core.snapshot import ClusterSnapshot, RouteRequest, WorkerSnapshot
 
+_new = tuple.__new__
+
 
 def _fallbacks(
     ctx: RouteContext,
@@ -58,7 +60,6 @@ def _no_prefill(req: RouteRequest, ctx: RouteContext, d: WorkerSnapshot, why: st
     yield Candidate(local, RouteReason.NO_PREFILL_WORKER, f"{why}; {local.describe()}")
 
 
-@register_policy(RoutingKind.CONTEXT_TTFT)
 class ContextTTFTPolicy:
     kind = RoutingKind.CONTEXT_TTFT
 
@@ -99,10 +100,12 @@ class ContextTTFTPolicy:
             return self._choose(Placement(d.worker_id, None, *local_ms, max_tokens=mt),
                                 Placement(d.worker_id, p.worker_id, *remote_ms, max_tokens=mt))[0].arithmetic
 
+        # (the tuples built directly: Placement(...) with these fields and defaults, without the
+        # namedtuple's Python-level __new__)
         if remote:
-            return Candidate(Placement(d.worker_id, p.worker_id, *remote_ms, max_tokens=mt), RouteReason.REMOTE_FASTER,
-                             why)
-        return Candidate(Placement(d.worker_id, None, *local_ms, max_tokens=mt), RouteReason.LOCAL_FASTER, why)
+            return Candidate(_new(Placement, (d.worker_id, p.worker_id, *remote_ms, None, None, mt)),
+                             RouteReason.REMOTE_FASTER, why)
+        return Candidate(_new(Placement, (d.worker_id, None, *local_ms, None, None, mt)), RouteReason.LOCAL_FASTER, why)
 
     def _choose(
         self, local: Placement, best: Placement | None
@@ -137,7 +140,6 @@ class ContextTTFTPolicy:
             yield from _fallbacks(ctx, req, d, local, prefills, RouteReason.LOCAL_FASTER, local=False)
 
 
-@register_policy(RoutingKind.THRESHOLD)
 class ThresholdPolicy:
     kind = RoutingKind.THRESHOLD
 
@@ -167,7 +169,6 @@ class ThresholdPolicy:
         yield from _fallbacks(ctx, req, d, best, prefills, RouteReason.AT_OR_ABOVE_THRESHOLD)
 
 
-@register_policy(RoutingKind.TIERS)
 class TiersPolicy:
     kind = RoutingKind.TIERS
 
@@ -194,7 +195,6 @@ class TiersPolicy:
         yield from _fallbacks(ctx, req, d, best, everyone, RouteReason.TIER_REMOTE)
 
 
-@register_policy(RoutingKind.POWER)
 class PowerPolicy:
     kind = RoutingKind.POWER
 
@@ -231,3 +231,11 @@ class PowerPolicy:
         for i, x in enumerate(miss):
             why = f"none of {len(options)} placements meets {target}; fastest {x.describe()}" if i == 0 and not ok else ""
             yield Candidate(x, RouteReason.SLA_MISS_FASTEST, why)
+
+
+# (registered here rather than as class decorators: mypyc compiles a decorated class as an ordinary
+# Python class, see orchestrator/sim/compiled.py)
+register_policy(RoutingKind.CONTEXT_TTFT)(ContextTTFTPolicy)
+register_policy(RoutingKind.THRESHOLD)(ThresholdPolicy)
+register_policy(RoutingKind.TIERS)(TiersPolicy)
+register_policy(RoutingKind.POWER)(PowerPolicy)

@@ -31,14 +31,16 @@ from orchestrator.core.fleet_index import FleetIndex
 from orchestrator.core.ports import CostModelPort
 from orchestrator.core.power import PowerAccountant
 from orchestrator.core.snapshot import ClusterSnapshot, RouteRequest, WorkerSnapshot
-from orchestrator.core.types import TandemError
+from orchestrator.core.types import TandemError, mypyc_attr
 
 
+@mypyc_attr(native_class=False)
 class UnknownSLAClass(TandemError, KeyError):
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "unknown SLA class"
 
 
+@mypyc_attr(native_class=False)
 class UnknownRoutingPolicy(TandemError, KeyError):
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "unknown routing policy"
@@ -71,6 +73,7 @@ def text_of(t: Text) -> str:
     return t if isinstance(t, str) else t()
 
 
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True, eq=False, init=False)
 class RouteDecision:
     """Where a request goes (or why it cannot go now), with the numbers that decided it.
@@ -254,16 +257,16 @@ class DecodeOrder(Sequence[WorkerSnapshot]):
             self.first = first
             return
         n = request.kv_tokens  # free_kv_blocks ≥ ⌈n / block_size⌉  ⇔  free_kv_blocks · block_size ≥ n
-        first: WorkerSnapshot | None = None
-        first_load = first_free = 0
+        best: WorkerSnapshot | None = None
+        best_load = best_free = 0
         for w in healthy:  # sorted by id: on a full tie the earlier (lower id) one stays
             f = w.__dict__  # the dataclass's fields, read from its dict: half the cost of attribute reads
             free = f["free_kv_blocks"]
             if free * f["block_size"] >= n:
                 load = f["running_batch"] + f["waiting"]
-                if first is None or load < first_load or (load == first_load and free > first_free):
-                    first, first_load, first_free = w, load, free
-        self.first = first
+                if best is None or load < best_load or (load == best_load and free > best_free):
+                    best, best_load, best_free = w, load, free
+        self.first = best
 
     def _sorted(self) -> list[WorkerSnapshot]:
         if self._all is None:
@@ -353,7 +356,8 @@ class Router:
         healthy = snap.decode_view()
         idx = self.index
         if idx.sync(snap):
-            return RouteEval(req, snap, healthy, DecodeOrder(req, healthy, idx.first_decode(req.kv_tokens)))
+            first = idx.first_decode(req.prompt_tokens + req.max_tokens)  # (req.kv_tokens, without the property)
+            return RouteEval(req, snap, healthy, DecodeOrder(req, healthy, first))
         return RouteEval(req, snap, healthy, DecodeOrder(req, healthy))
 
     def route(self, req: RouteRequest, snap: ClusterSnapshot, evaluation: RouteEval | None = None) -> RouteDecision:
@@ -399,9 +403,9 @@ class Router:
             )
         if self.config.power is None and self.power.budget is None:
             # no budget: the policy's first choice always fits; only the projected draw is reported
-            first = getattr(self.policy, "first_candidate", None)  # optional: the first without a generator
-            if first is not None:
-                c = first(req, snap, decodes, self.ctx)
+            first_of = getattr(self.policy, "first_candidate", None)  # optional: the first without a generator
+            if first_of is not None:
+                c = first_of(req, snap, decodes, self.ctx)
             else:
                 c = next(iter(self.policy.candidates(req, snap, decodes, self.ctx)))
             return self._unbudgeted(req, snap, c)

@@ -10,13 +10,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from orchestrator.core.types import Role, TandemError
+from orchestrator.core.types import Role, TandemError, mypyc_attr
 
 
+@mypyc_attr(native_class=False)
 class InvalidRequest(TandemError, ValueError):
     """A RouteRequest with impossible numbers (negative tokens, …)."""
 
 
+@mypyc_attr(native_class=False)  # (its instance dict is read and written directly)
 @dataclass(frozen=True, init=False)
 class RouteRequest:
     """What the router and admission know of a request. `__init__` is written out (the fields'
@@ -56,6 +58,7 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
     return math.ceil(num_tokens / block_size)
 
 
+@mypyc_attr(native_class=False)  # (its instance dict is read and written directly)
 @dataclass(frozen=True)
 class WorkerSnapshot:
     """One worker as the router sees it at one instant."""
@@ -140,6 +143,7 @@ class SnapshotChanges:
         return self.log[i:]
 
 
+@mypyc_attr(native_class=False)  # (its instance dict is read and written directly)
 @dataclass(frozen=True)
 class ClusterSnapshot:
     """Every worker at one instant, sorted by worker_id, plus cluster-level power facts.

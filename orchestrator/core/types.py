@@ -8,6 +8,16 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mypy_extensions import mypyc_attr
+else:
+    def mypyc_attr(*_args, **_kwargs):
+        """`mypy_extensions.mypyc_attr`, a no-op at run time: `@mypyc_attr(native_class=False)` tells
+        mypyc (`make sim-compiled`, orchestrator/sim/compiled.py) to keep a class an ordinary Python
+        class. mypy_extensions is only needed to compile, so it is imported for type checking only."""
+        return lambda cls: cls
 
 
 class Role(str, enum.Enum):

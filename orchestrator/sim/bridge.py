@@ -78,7 +78,7 @@ class CoreBridge:
         """Bring the snapshot up to date (only the workers marked since the last call)."""
         record = self.changes.record
         for w in self._dirty:
-            s = w.snapshot.__dict__  # (the frozen dataclass's fields, written without __setattr__)
+            s: dict[str, Any] = w.snapshot.__dict__  # (the frozen dataclass's fields, written without __setattr__)
             q = w.prefill_q_tokens + w.batch_tokens
             r = w.num_running
             wait = w.pending + len(w.reserve_q)
@@ -141,7 +141,7 @@ class CoreBridge:
         return "queued", adm.reason.value
 
     def _placement(self, d: RouteDecision) -> tuple[int, int, str]:
-        di = self._index[d.decode_worker_id]
+        di = self._index[d.decode_worker_id]  # type: ignore[index]
         pi = -1 if d.prefill_worker_id is None else self._index[d.prefill_worker_id]
         return di, pi, d.reason._value_  # (= .value, without the enum property's Python-level getter)
 

@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=".", help="folder for plan-serving.yaml and plan-ray.yaml")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--plot", metavar="DIR", default=None, help="write pareto.png here")
+    parser.add_argument("--compiled", action="store_true",
+                        help="run the mypyc build of the hot modules (`make sim-compiled`; or TANDEM_SIM_COMPILED=1); "
+                             "pure Python, with a warning, when it is missing or stale")
 
 
 def _ints(text: str, what: str) -> tuple[int, ...]:
@@ -50,6 +53,11 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from orchestrator.sim import compiled
+
+    if compiled.requested(args.compiled):
+        compiled.enable()  # before the first import of a compiled module
+
     from orchestrator.sim.plan_output import (
         candidate_row,
         plot_plan,

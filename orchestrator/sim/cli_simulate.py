@@ -29,9 +29,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
     parser.add_argument("--plot", metavar="DIR", default=None, help="write TTFT/TPOT CDFs and power over time here")
     parser.add_argument("--progress", action="store_true", help="show a progress bar even when not on a TTY")
+    parser.add_argument("--compiled", action="store_true",
+                        help="run the mypyc build of the hot modules (`make sim-compiled`; or TANDEM_SIM_COMPILED=1); "
+                             "pure Python, with a warning, when it is missing or stale")
 
 
 def run(args: argparse.Namespace) -> int:
+    from orchestrator.sim import compiled
+
+    if compiled.requested(args.compiled):
+        compiled.enable()  # before the first import of a compiled module
+
     from orchestrator.config.loader import load_config
     from orchestrator.sim.build import SimOptions, build_simulation
     from orchestrator.sim.render import plot_report, print_report, progress_bar

@@ -14,11 +14,12 @@ import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from orchestrator.core.types import TandemError
+from orchestrator.core.types import TandemError, mypyc_attr
 
 Handler = Callable[[Any], Any]
 
 
+@mypyc_attr(native_class=False)
 class SimulationError(TandemError, RuntimeError):
     """The simulation reached a state that should be impossible (a bug, not bad input)."""
 
@@ -73,7 +74,8 @@ class EventLoop:
         seq = self._seq
         a_seq = 0
         a_arg: Any = None
-        nxt = next(arrivals, None)
+        draw = next  # (a local: no builtins lookup per arrival)
+        nxt = draw(arrivals, None)
         if nxt is None:
             a_t = math.inf
         else:
@@ -103,7 +105,7 @@ class EventLoop:
                 self._seq = seq
                 out = handler(a_arg)
                 seq = self._seq
-                nxt = next(arrivals, None)
+                nxt = draw(arrivals, None)
                 if nxt is None:
                     a_t = math.inf
                 else:

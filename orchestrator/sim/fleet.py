@@ -149,7 +149,8 @@ class SimWorker:
         self.run_len = 8  # steps to compute ahead (doubles, up to RUN_STEPS, each time a run completes)
         self.run_version = 0  # bumped when a run is (re)scheduled: older step-done events are stale
         self.pending = 0  # routed here, blocks held or awaited, not yet in the decode batch
-        self.step_plans: dict[int, tuple] = {}  # batch size → SimCosts.step_plan of this worker (memo)
+        # batch size → SimCosts.step_plan of this worker (memo)
+        self.step_plans: dict[int, tuple[float, float, float, float, int, bool]] = {}
         self.prefill_memo: dict[int, float] = {}  # prompt tokens → time of a one-prompt prefill batch here
         self.transfer_memo: dict[int, float] = {}  # prompt tokens → exposed KV transfer time from here
         self.snapshot: Any = None  # the core's WorkerSnapshot for this worker (kept in sync by the bridge)

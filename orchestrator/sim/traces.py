@@ -229,7 +229,7 @@ def _mean_rate(records: Iterator[TraceRecord], sample: int = 10000) -> float:
             break
     if n < 2 or last == first:
         raise WorkloadError("trace too short to measure its rate (needs 2 records at distinct times)")
-    return (n - 1) / (last - first)
+    return (n - 1) / (last - first)  # type: ignore[operator]  # (n >= 2: both set)
 
 
 def trace_requests(opts: dict[str, Any], base_dir: Path, limit: int | None,
