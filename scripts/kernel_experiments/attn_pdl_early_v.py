@@ -1,6 +1,8 @@
 # ruff: noqa: E402  (one-off H100 experiments; run from the repository root)
 """Experiment: decode attention with V's loads issued beside K's, and with PDL on the split and merge kernels.
 
+Needs `paged_decode_attention(..., early_v=, pdl=)`, which exist at commit f684413 only (measured, then removed).
+
 Question: at B=1, 8K the FP8 kernel is latency-bound (15.1 µs for 17 MB, 1.1 TB/s; bf16 20.0 µs, per-token ratio
 0.757, target ≤ 0.6). Each 32-token tile waits for K, computes the logits, then loads V: two dependent memory
 round trips per tile, and each one-warp program has only two tiles. Issuing V's (and its scales') loads right

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from workers.kernels._common import FP8_MAX, check, check_same_device, next_pow2, pdl_enabled
+from workers.kernels._common import FP8_MAX, check, check_same_device, next_pow2
 
 _LOG2E = 1.4426950408889634
 
@@ -38,11 +38,8 @@ def _attn_split_kernel(
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_fb, stride_fh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_T: tl.constexpr, PAGE: tl.constexpr, KV_FP8: tl.constexpr, DIRECT: tl.constexpr,
-    OFF32: tl.constexpr, EARLY_V: tl.constexpr, PDL: tl.constexpr,
+    OFF32: tl.constexpr,
 ):
-    if PDL:  # launched early (PDL): let the merge launch, then wait for the producer of q and the new K/V
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -76,13 +73,9 @@ def _attn_split_kernel(
         kv_off = page * stride_cb + slot_off * stride_ct + kvh * stride_ch
         kvmask = tmask[:, None] & dmask[None, :]
         k = tl.load(kc_ptr + kv_off[:, None] + offs_d[None, :], mask=kvmask, other=0.0)
-        sc_off = page * stride_sb + slot_off * stride_st + kvh * stride_sh
-        if EARLY_V:  # issue V's loads beside K's: one memory round trip per tile instead of two
-            v = tl.load(vc_ptr + kv_off[:, None] + offs_d[None, :], mask=kvmask, other=0.0)
-            if KV_FP8:
-                v_sc = tl.load(vs_ptr + sc_off, mask=tmask, other=0.0)
         if KV_FP8:
             s = tl.dot(q, tl.trans(k.to(tl.float16)))  # [BLOCK_G, BLOCK_T] fp32
+            sc_off = page * stride_sb + slot_off * stride_st + kvh * stride_sh
             k_sc = tl.load(ks_ptr + sc_off, mask=tmask, other=0.0)
             s = s * (k_sc * qk_scale)[None, :]
         else:
@@ -93,14 +86,12 @@ def _attn_split_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if not EARLY_V:
-            v = tl.load(vc_ptr + kv_off[:, None] + offs_d[None, :], mask=kvmask, other=0.0)
+        v = tl.load(vc_ptr + kv_off[:, None] + offs_d[None, :], mask=kvmask, other=0.0)
         if KV_FP8:
             # Fold V's per-token scale into P, relative to the tile's largest scale so that the fp16 P
             # neither overflows nor underflows: P·diag(s)·V = s_max · (P·diag(s / s_max))·V. Each token's
             # factor is rounded once to fp16 (2^-11), far below the bf16 output rounding.
-            if not EARLY_V:
-                v_sc = tl.load(vs_ptr + sc_off, mask=tmask, other=0.0)
+            v_sc = tl.load(vs_ptr + sc_off, mask=tmask, other=0.0)
             v_max = tl.maximum(tl.max(v_sc, axis=0), 1e-30)
             pv = (p * (v_sc / v_max)[None, :]).to(tl.float16)
             acc = acc * alpha[:, None] + tl.dot(pv, v.to(tl.float16)) * v_max
@@ -125,11 +116,8 @@ def _attn_split_kernel(
 def _attn_merge_kernel(
     out_ptr, lse_ptr, final_ptr, num_splits,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_fb, stride_fh,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
@@ -151,7 +139,6 @@ def _attn_merge_kernel(
 ATTN_FP8_CONFIG = (32, 1, 2, None)
 ATTN_BF16_CONFIG = (64, 2, 2, None)
 MAX_SPLITS = 128
-EARLY_V = False  # V's loads issued beside K's (scripts/kernel_experiments/attn_pdl_early_v.py)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -188,8 +175,6 @@ def paged_decode_attention(
     num_stages: int | None = None,
     max_regs: int | None = None,
     off32: bool = True,
-    early_v: bool | None = None,
-    pdl: bool | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its paged KV → [B, Hq, D] in q.dtype. See module doc."""
     check(q.dim() == 3 and q.stride(-1) == 1, f"q must be [B, Hq, D] with contiguous D, got {tuple(q.shape)}")
@@ -224,9 +209,6 @@ def paged_decode_attention(
         if max_seq_len is None:
             max_seq_len = int(seq_lens.max())  # host sync: pass max_seq_len under CUDA graph capture
         num_splits = choose_num_splits(B, Hkv, max_seq_len, block_t, _sm_count(q.device), num_warps)
-    early_v = EARLY_V if early_v is None else early_v
-    pdl = pdl_enabled(q.device) if pdl is None else (pdl and pdl_enabled(q.device))
-    launch = {"launch_pdl": True} if pdl else {}
     direct = num_splits == 1
     if direct:
         part, lse = out, out  # unused
@@ -247,12 +229,11 @@ def paged_decode_attention(
         *so, *sl, out.stride(0), out.stride(1),
         GROUP=group, BLOCK_G=max(16, next_pow2(group)), D=D, BLOCK_D=block_d,
         BLOCK_T=block_t, PAGE=page, KV_FP8=kv_fp8, DIRECT=direct, num_warps=num_warps, num_stages=num_stages,
-        OFF32=max(k_cache.numel(), k_scale.numel()) < 2**31 if off32 else False, EARLY_V=early_v, PDL=pdl,
-        **extra, **launch,
+        OFF32=max(k_cache.numel(), k_scale.numel()) < 2**31 if off32 else False, **extra,
     )
     if not direct:
         _attn_merge_kernel[(B, Hq)](
             part, lse, out, num_splits, *so, *sl, out.stride(0), out.stride(1),
-            D=D, BLOCK_D=block_d, BLOCK_S=max(2, next_pow2(num_splits)), PDL=pdl, num_warps=4, **launch,
+            D=D, BLOCK_D=block_d, BLOCK_S=max(2, next_pow2(num_splits)), num_warps=4,
         )
     return out
