@@ -11,6 +11,7 @@ dialect, same compiler) lets the kernel issue the first STAGES weight TMA copies
 from ~9.2 µs toward the no-wait read's 6.3 µs, i.e. past 250 TFLOPS (8.59 µs), if the programs of the next
 call are resident while the current one runs (64 programs: 68 idle SMs).
 """
+import itertools
 import os
 import sys
 
@@ -40,7 +41,7 @@ def _gdc_launch_dependents():
 @gluon.jit
 def thin_gluon(x_desc, xs_ptr, w_desc, ws_ptr, c_ptr, M, N, K, stride_cm,
                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-               EARLY_W: gl.constexpr, PDL: gl.constexpr, num_warps: gl.constexpr):
+               EARLY_W: gl.constexpr, PDL: gl.constexpr, num_warps: gl.constexpr, LAG: gl.constexpr = 1):
     """out[M, N] = (x[M, K] · w[N, K]ᵀ) · xs[M] · ws[N], swap-AB: acc[BLOCK_N, BLOCK_M] = w_tile · x_tileᵀ."""
     n0 = gl.program_id(0) * BLOCK_N
     m0 = gl.program_id(1) * BLOCK_M
@@ -64,17 +65,18 @@ def thin_gluon(x_desc, xs_ptr, w_desc, ws_ptr, c_ptr, M, N, K, stride_cm,
             tma.async_copy_global_to_shared(w_desc, [n0, s * BLOCK_K], bars.index(s), w_smem.index(s), pred=s < kt)
         tma.async_copy_global_to_shared(x_desc, [m0, s * BLOCK_K], bars.index(s), x_smem.index(s), pred=s < kt)
 
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                  instr_shape=[16, BLOCK_M, 32])
+    WG: gl.constexpr = num_warps // 4  # warpgroups split the token (N) side of the MMA
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, WG],
+                                                  instr_shape=[16, BLOCK_M // WG, 32])
     acc = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.float32, layout=mma)
     for i in range(kt):
         slot = i % STAGES
         mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
         acc = warpgroup_mma(w_smem.index(slot), x_smem.index(slot).permute((1, 0)), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-        j = i - 1 + STAGES  # the slot of step i-1 is free now: refill it with step j
-        if (i > 0) & (j < kt):
-            sp = (i - 1) % STAGES
+        acc = warpgroup_mma_wait(num_outstanding=LAG, deps=(acc,))
+        j = i - LAG + STAGES  # the slot of step i-LAG is free now: refill it with step j
+        if (i >= LAG) & (j < kt):
+            sp = (i - LAG) % STAGES
             mbarrier.expect(bars.index(sp), nbytes)
             tma.async_copy_global_to_shared(w_desc, [n0, j * BLOCK_K], bars.index(sp), w_smem.index(sp))
             tma.async_copy_global_to_shared(x_desc, [m0, j * BLOCK_K], bars.index(sp), x_smem.index(sp))
@@ -93,7 +95,7 @@ def thin_gluon(x_desc, xs_ptr, w_desc, ws_ptr, c_ptr, M, N, K, stride_cm,
     gl.store(ptrs, out.to(c_ptr.dtype.element_ty), mask=gl.expand_dims(nmask, 1) & gl.expand_dims(mmask, 0))
 
 
-def runner(bm: int, bn: int, bk: int, stages: int, early_w: int, pdl: bool = True, warps: int = 4):
+def runner(bm: int, bn: int, bk: int, stages: int, early_w: int, pdl: bool = True, warps: int = 4, lag: int = 1):
     xl = gl.NVMMASharedLayout.get_default_for([bm, bk], gl.float8e4nv)
     wl = gl.NVMMASharedLayout.get_default_for([bn, bk], gl.float8e4nv)
 
@@ -105,7 +107,7 @@ def runner(bm: int, bn: int, bk: int, stages: int, early_w: int, pdl: bool = Tru
         kw = {"launch_pdl": True} if pdl else {}
         thin_gluon[(triton.cdiv(N, bn), triton.cdiv(M, bm))](
             xd, xs, wd, ws, out, M, N, K, out.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages,
-            EARLY_W=early_w, PDL=pdl, num_warps=warps, **kw)
+            EARLY_W=early_w, PDL=pdl, num_warps=warps, LAG=lag, **kw)
     return run
 
 
@@ -164,6 +166,35 @@ def main():
 
 
 
+def mma_variants():
+    """M = 32 and 64: two warpgroups (each half of the tokens) and more wgmma groups in flight (LAG), late and
+    early weights — is the ~0.5-0.7 µs that M=64 costs over M=1 on (4096, 4096) the MMA chain?"""
+    from _harness import LLAMA8B, ThinCase, save
+    rows = []
+    for N, K in LLAMA8B:
+        for M in (1, 64):
+            case = ThinCase(N, K, M)
+            bm = max(16, triton.next_power_of_2(M))
+            for warps, lag, stages, early in itertools.product((4, 8), (1, 2, 3), (4, 6), (0, 1)):
+                if (warps == 8 and bm < 32) or lag >= stages:
+                    continue
+                run = runner(bm, 64, 256, stages, early, warps=warps, lag=lag)
+                try:
+                    err = case.error(run)
+                    us = min(case.time_us(run, rep_ms=20) for _ in range(2))
+                except Exception as e:
+                    print("fail", N, K, M, warps, lag, stages, early, type(e).__name__, str(e)[:300], flush=True)
+                    continue
+                rows.append(case.row(us, kind="gluon", warps=warps, lag=lag, stages=stages, early_w=early, err=err))
+            ok = [r for r in rows if r["N"] == N and r["K"] == K and r["M"] == M and r["err"] < 0.01]
+            b = min(ok, key=lambda r: r["us"])
+            base = [r for r in ok if r["warps"] == 4 and r["lag"] == 1 and r["stages"] == 6 and r["early_w"] == 0]
+            print(f"N={N} K={K} M={M}: current {case.current_us:.2f}; gluon 4w lag1 s6 "
+                  f"{base[0]['us'] if base else float('nan'):.2f}; best {b['us']:.2f} us ({b['tflops']:.0f} TF) "
+                  f"warps={b['warps']} lag={b['lag']} stages={b['stages']} early={b['early_w']}", flush=True)
+    save("thin_gluon_mma.json", rows)
+
+
 def pairs():
     """RMSNorm+quant → thin GEMM pairs back to back (the engine's order): does fetching W before the wait help
     when the kernel before the GEMM is a short many-program producer rather than another GEMM?"""
@@ -204,4 +235,4 @@ def pairs():
 
 
 if __name__ == "__main__":
-    {"bound": bound, "pairs": pairs}.get(os.environ.get("EXP_MODE", ""), main)()
+    {"bound": bound, "pairs": pairs, "mma": mma_variants}.get(os.environ.get("EXP_MODE", ""), main)()
