@@ -65,6 +65,13 @@ class Rotation:
 rotating = Rotation
 
 
+# A CUDA graph's replay has a fixed start cost that a graph of few short calls charges to each call: the same thin
+# GEMM measured 0.6-0.7 us more per call with 16 calls per graph than with 64 (scripts/kernel_experiments/
+# thin_scales_ab.py, session 5), i.e. ~11 us per replay. A decode step's graph holds hundreds of kernels, so
+# microsecond kernels are timed with at least this many calls per graph (then < 0.2 us per call is left).
+STEADY_CALLS = 64
+
+
 def time_graph_ms(fn: Callable[[], Any], calls: int = 20, rep_ms: int = 40) -> float:
     """Median milliseconds per call of fn, from a CUDA graph that holds `calls` back-to-back calls.
 
@@ -146,4 +153,4 @@ def read_ceiling_tbps(nbytes: int, sm_count: int = 132) -> float:
     def run():
         _read_kernel[(grid,)](rot()[0], out, n, BLOCK=block, ITERS=iters, num_warps=8)
 
-    return nbytes / time_graph_ms(run, calls=max(rot.n, 8)) / 1e9
+    return nbytes / time_graph_ms(run, calls=max(rot.n, STEADY_CALLS)) / 1e9
