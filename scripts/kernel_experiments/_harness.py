@@ -13,7 +13,7 @@ import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 sys.path.insert(0, os.getcwd())  # run from the repository root
-from workers.kernels.benchmarking import Rotation, env_info, time_graph_ms  # noqa: E402
+from workers.kernels.benchmarking import STEADY_CALLS, Rotation, env_info, time_graph_ms  # noqa: E402
 from workers.kernels.gemm import thin_gemm  # noqa: E402
 from workers.kernels.quant import quantize_per_token  # noqa: E402
 from workers.kernels.reference import scaled_mm_ref  # noqa: E402
@@ -39,7 +39,7 @@ class ThinCase:
         self.rot = Rotation(make, N * K)
         self.first = self.rot._sets[0]
         self.ref = scaled_mm_ref(*self.first[:4], torch.bfloat16).float()
-        self.calls = max(self.rot.n, 16)
+        self.calls = max(self.rot.n, STEADY_CALLS)  # 16 before session 5's scale A/B (NOTES.md)
         self.current_us = self.time_us(lambda *a: thin_gemm(*a[:4]))
 
     def error(self, run: Callable[..., Any]) -> float:

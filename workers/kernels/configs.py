@@ -54,14 +54,18 @@ def _t(bm: int, bn: int, bk: int, split: int, stages: int, tma: bool = False) ->
 # keyed by (N, K), then by M bucket (upper bound inclusive). Llama-3.1-8B: qkv, o, gate_up, down. The TMA
 # configs of the 64 bucket: scripts/kernel_experiments/thin_tma.py (h100-thin-tma-2026-11-22.json; M=64:
 # o 9.99 -> 9.58 us, down 25.31 -> 24.47, gate_up 48.16 -> 44.56; qkv and M <= 16 were no faster).
+# Session 5 re-sweep up to M=64 with the scale loads before the K loop and 64-call graphs
+# (scripts/kernel_experiments/thin_resweep.py, h100-thin-resweep-2026-11-22.json), changes of >= 1.5% adopted:
+# qkv M<=32 6 stages (11.68 -> 11.04 us), qkv M<=64 TMA (11.18 -> 10.93), o M<=32 TMA (7.96 -> 7.81), down M<=32
+# TMA with 8 stages (M=1 22.06 -> 21.73, M=16 22.48 -> 22.06, M=32 22.89 -> 22.40).
 THIN_TABLE: dict[tuple[int, int], list[tuple[int, ThinConfig]]] = {
-    (6144, 4096): [(16, _t(16, 64, 256, 1, 6)), (32, _t(32, 64, 256, 1, 4)), (64, _t(64, 64, 256, 1, 4)),
+    (6144, 4096): [(16, _t(16, 64, 256, 1, 6)), (32, _t(32, 64, 256, 1, 6)), (64, _t(64, 64, 256, 1, 4, True)),
                    (128, _t(128, 64, 256, 1, 4)), (256, _t(128, 64, 128, 1, 4))],
-    (4096, 4096): [(16, _t(16, 64, 256, 1, 6)), (32, _t(32, 64, 256, 1, 6)), (64, _t(64, 64, 256, 1, 6, True)),
+    (4096, 4096): [(16, _t(16, 64, 256, 1, 6)), (32, _t(32, 64, 256, 1, 6, True)), (64, _t(64, 64, 256, 1, 6, True)),
                    (256, _t(128, 64, 256, 1, 4))],
     (28672, 4096): [(16, _t(16, 64, 256, 1, 4)), (32, _t(32, 64, 256, 1, 4)), (64, _t(64, 64, 256, 1, 3, True)),
                     (256, _t(128, 128, 128, 1, 3))],
-    (4096, 14336): [(8, _t(16, 64, 512, 1, 4)), (16, _t(16, 64, 256, 1, 6)), (32, _t(32, 64, 256, 1, 6)),
+    (4096, 14336): [(16, _t(16, 64, 256, 1, 8, True)), (32, _t(32, 64, 256, 1, 8, True)),
                     (64, _t(64, 64, 256, 1, 6, True)), (128, _t(128, 64, 256, 2, 4)), (256, _t(128, 64, 256, 1, 4))],
 }
 # Shapes where cuBLASLt (torch._scaled_mm) beat the thin kernel from this M on (same sweep).
