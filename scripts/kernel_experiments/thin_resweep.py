@@ -6,6 +6,7 @@ The table in configs.py came from sweeps with 16-call graphs, the old epilogue, 
 Prediction: a few buckets change by 2-5% (down at M = 32..64 streams at 2.54-2.57 TB/s against a 2.78 ceiling).
 """
 import itertools
+import os
 
 import triton
 from _harness import LLAMA8B, ThinCase, save
@@ -24,13 +25,18 @@ def candidates(M: int) -> list[ThinConfig]:
     for bk, stages in itertools.product((128, 256), (3, 4, 6, 8)):
         if (64 * bk + bm * bk) * stages <= 220 * 1024:
             out.append(ThinConfig(bm, 64, bk, 1, 4, stages, True))
+    if os.environ.get("EXP_WIDE"):  # a second pass: longer K steps, 32-row weight tiles, 8 warps
+        for bn, bk, stages, warps in itertools.product((32, 64), (256, 512), (2, 3, 4, 5, 7), (4, 8)):
+            if (bn * bk + bm * bk) * stages <= 220 * 1024:
+                out.append(ThinConfig(bm, bn, bk, 1, warps, stages, True))
     return out
 
 
 def main() -> None:
     rows = []
-    for N, K in LLAMA8B:
-        for M in (1, 16, 32, 48, 64):
+    shapes = [(N, K) for N, K in LLAMA8B if not os.environ.get("EXP_SHAPE") or f"{N}x{K}" == os.environ["EXP_SHAPE"]]
+    for N, K in shapes:
+        for M in [int(m) for m in os.environ.get("EXP_MS", "1,16,32,48,64").split(",")]:
             case = ThinCase(N, K, M)
             cur = configs.thin_config(M, N, K)
             best = None
@@ -48,7 +54,7 @@ def main() -> None:
             cur_us = min(case.time_us(lambda *a: thin_gemm(*a[:4]), rep_ms=15) for _ in range(2))
             print(f"N={N} K={K} M={M}: adopted {cur} {cur_us:.2f} us ({N * K / cur_us / 1e6:.2f} TB/s); best "
                   f"{best['us']:.2f} us ({best['TBps']:.2f} TB/s) {best['cfg']}", flush=True)
-    save("thin_resweep.json", rows)
+    save(os.environ.get("EXP_NAME", "thin_resweep.json"), rows)
 
 
 if __name__ == "__main__":
