@@ -24,7 +24,8 @@ from workers.kernels import bench_suite as S  # noqa: E402
 from workers.kernels.bench_prefill_attn import bench_prefill_attention, host_overhead  # noqa: E402
 from workers.kernels.benchmarking import bf16_peak_tflops, copy_tbps, env_info, table  # noqa: E402
 
-SECTIONS = ("quant", "kv_write", "prefill", "thin", "attention", "attn_variants", "prefill_attn", "attn_host")
+SECTIONS = ("quant", "kv_write", "prefill", "thin", "packed_prefill", "attention", "attn_variants", "prefill_attn",
+            "attn_host")
 
 
 def summarize(res: dict) -> list[dict]:
@@ -38,10 +39,14 @@ def summarize(res: dict) -> list[dict]:
                             ok=r["fp8_incl_standalone_quant_vs_bf16"] >= 1.6))
     thin = [r for r in res.get("thin", []) if r["M"] <= 64]
     if thin:
-        worst = min(thin, key=lambda r: r["thin_weight_TBps"])
-        out.append(dict(target="thin GEMM M=1..64 Llama-8B >= 2.6 TB/s (worst case)",
-                        measured=round(worst["thin_weight_TBps"], 3), where=f"M={worst['M']} N={worst['N']} K={worst['K']}",
-                        ok=worst["thin_weight_TBps"] >= 2.6))
+        def rate(r: dict) -> float:  # the engine's layout (tile-packed down projection), else the row-major best
+            return r.get("engine_weight_TBps", r["thin_weight_TBps"])
+
+        for (N, K) in sorted({(r["N"], r["K"]) for r in thin}):
+            worst = min((r for r in thin if (r["N"], r["K"]) == (N, K)), key=rate)
+            out.append(dict(target=f"thin GEMM M=1..64 {N}x{K} ({worst.get('engine_layout', 'row-major')}) >= 2.6 TB/s"
+                                   f" (read ceiling {worst['read_ceiling_TBps']:.2f})",
+                            measured=round(rate(worst), 3), where=f"M={worst['M']}", ok=rate(worst) >= 2.6))
         for r in thin:
             if (r["M"], r["N"], r["K"]) == (64, 4096, 4096):
                 out.append(dict(target="thin (64,4096,4096) >= 250 TFLOPS", measured=round(r["thin_TFLOPS"], 1),
@@ -60,8 +65,14 @@ def summarize(res: dict) -> list[dict]:
                             measured=round(total[0]["ms"] / fastest["ms"], 3), ok=total[0]["ms"] < fastest["ms"]))
     for r in res.get("attention", []):
         if r["ctx"] == 8192:
-            out.append(dict(target=f"attention fp8/bf16 per token at 8K, B={r['B']} <= 0.6",
+            out.append(dict(target=f"attention fp8/bf16 per call at 8K, B={r['B']} <= 0.6",
                             measured=round(r["fp8_over_bf16"], 3), ok=r["fp8_over_bf16"] <= 0.6))
+    fit = S.attention_fit(res.get("attention", []))
+    if fit:
+        res["attention_fit_b1"] = fit
+        out.append(dict(target=f"attention B=1 fp8/bf16 per KV token (fit over {fit['points']} contexts 2K-32K; fixed "
+                               f"{fit['fp8_fixed_us']:.1f} / {fit['bf16_fixed_us']:.1f} us per call) <= 0.6",
+                        measured=round(fit["per_token_fp8_over_bf16"], 3), ok=fit["per_token_fp8_over_bf16"] <= 0.6))
     return out
 
 
@@ -87,7 +98,8 @@ def main() -> int:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     only = args.only.split(",")
     runs = {"quant": S.bench_quant, "kv_write": S.bench_kv_write, "prefill": lambda: S.bench_prefill(args.sweep),
-            "thin": lambda: S.bench_thin(args.sweep, tuple(int(m) for m in args.thin_ms.split(",")), args.wide), "attention": S.bench_attention,
+            "thin": lambda: S.bench_thin(args.sweep, tuple(int(m) for m in args.thin_ms.split(",")), args.wide),
+            "packed_prefill": S.bench_packed_prefill, "attention": S.bench_attention,
             "attn_variants": S.bench_attention_variants,
             "prefill_attn": lambda: bench_prefill_attention(args.sweep or args.attn_sweep),
             "attn_host": host_overhead}
@@ -105,7 +117,8 @@ def main() -> int:
                     "quant_fused_marginal_us", "fp8_incl_standalone_quant_vs_bf16", "fp8_incl_fused_quant_vs_bf16",
                     "stock_unfused_vs_bf16"],
         "thin": ["M", "N", "K", "thin_us", "thin_weight_TBps", "thin_TFLOPS", "thin_us_short_graph", "scaled_mm_weight_TBps",
-                 "bf16_weight_TBps", "ref_stock_fp8_TBps", "fp8_vs_bf16_speedup"],
+                 "bf16_weight_TBps", "ref_stock_fp8_TBps", "fp8_vs_bf16_speedup", "engine_layout", "engine_weight_TBps"],
+        "packed_prefill": ["M", "N", "K", "scaled_mm_us", "triton_rowmajor_us", "triton_packed_us", "packed_over_scaled_mm"],
         "attention": ["B", "ctx", "fp8_us", "bf16_us", "fp8_TBps", "bf16_TBps", "fp8_over_bf16"],
         "attn_variants": ["kv", "splits", "cfg", "us", "TBps"],
         "prefill_attn": ["T", "what", "ms", "TFLOPS", "rel_err_vs_fp32"],

@@ -85,7 +85,11 @@ def specs():
     yield "fp8_gemm", gemm._gemm_kernel, {
         "a_ptr": f8, "as_ptr": f32, "w_ptr": f8, "ws_ptr": f32, "c_ptr": bf,
         **{n: "i32" for n in ("M", "N", "K", "stride_am", "stride_wn", "stride_cm")},
-    }, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "EVEN_K": True}
+    }, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "EVEN_K": True, "PACK_N": 0, "PACK_K": 0}
+    yield "fp8_gemm_packed_weight", gemm._gemm_kernel, {
+        "a_ptr": f8, "as_ptr": f32, "w_ptr": f8, "ws_ptr": f32, "c_ptr": bf,
+        **{n: "i32" for n in ("M", "N", "K", "stride_am", "stride_wn", "stride_cm")},
+    }, {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "EVEN_K": True, "PACK_N": 64, "PACK_K": 128}
     thin_args = {
         "x_ptr": f8, "xs_ptr": f32, "w_ptr": f8, "ws_ptr": f32, "c_ptr": bf, "part_ptr": f32,
         **{n: "i32" for n in ("M", "N", "K", "stride_xm", "stride_wn", "stride_cm", "k_per_split")},
@@ -97,7 +101,11 @@ def specs():
     yield "thin_gemm_tma", gemm._thin_tma_kernel, {
         "x_desc": "tensordesc<fp8e4nv[16, 64]>", "xs_ptr": f32, "w_desc": "tensordesc<fp8e4nv[64, 64]>",
         "ws_ptr": f32, "c_ptr": bf, **{n: "i32" for n in ("M", "N", "K", "stride_cm")},
-    }, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "PDL": True}
+    }, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "PDL": True, "PACKED": False}
+    yield "thin_gemm_tma_packed_weight", gemm._thin_tma_kernel, {
+        "x_desc": "tensordesc<fp8e4nv[16, 64]>", "xs_ptr": f32, "w_desc": "tensordesc<fp8e4nv[64, 64]>",
+        "ws_ptr": f32, "c_ptr": bf, **{n: "i32" for n in ("M", "N", "K", "stride_cm")},
+    }, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "PDL": True, "PACKED": True}
     yield "splitk_reduce", gemm._splitk_reduce_kernel, {
         "part_ptr": f32, "xs_ptr": f32, "ws_ptr": f32, "c_ptr": bf, "M": "i32", "N": "i32", "stride_cm": "i32",
     }, {"SPLIT_K": 4, "BLOCK": 1024}

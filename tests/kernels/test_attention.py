@@ -54,6 +54,28 @@ def test_paged_decode_attention(dev, dtype, num_splits, gen):
     assert rel_err(out, ref) < 4e-3
 
 
+@pytest.mark.parametrize("dev", DEVICES)
+@pytest.mark.parametrize("order", ["rising", "falling", "shuffled"])
+def test_fp8_attention_v_scales_across_tiles(dev, order, gen):
+    """V's per-token scales spanning seven decades across the tiles of one split: the kernel holds its accumulator
+    in units of the largest V scale seen so far and rescales it when a larger one arrives (in any order)."""
+    lens, Hq, Hkv, D, bs = [70, 200], 8, 2, 64, 16
+    kc, vc, ks, vs, table = _filled_cache(lens, Hkv, D, bs, torch.float8_e4m3fn, dev, gen)
+    decades = torch.linspace(-4.0, 3.0, vs.shape[0])
+    if order == "falling":
+        decades = decades.flip(0)
+    elif order == "shuffled":
+        decades = decades[torch.randperm(vs.shape[0], generator=gen)]
+    # one decade per cache block; the block table maps each sequence's tokens to shuffled blocks
+    vs = vs * (10.0 ** decades).to(dev)[:, None, None]
+    q = torch.randn(len(lens), Hq, D, generator=gen).to(torch.bfloat16).to(dev)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
+    ref = R.paged_decode_attention_ref(q, kc, vc, table, seq_lens, D**-0.5, ks, vs)
+    for num_splits in (1, 2):
+        out = paged_decode_attention(q, kc, vc, table, seq_lens, D**-0.5, ks, vs, num_splits=num_splits, block_t=32)
+        assert rel_err(out, ref) < 4e-3
+
+
 def test_attention_rejects_bad_inputs():
     q = torch.randn(2, 6, 32).to(torch.bfloat16)
     kc = torch.zeros(4, 8, 4, 32).to(torch.bfloat16)
@@ -76,3 +98,18 @@ def test_split_count_policy():
     for batch, ctx, bt, warps in [(1, 100_000, 32, 1), (2, 8192, 64, 2), (1, 64, 32, 1), (128, 512, 32, 1)]:
         n = choose_num_splits(batch, 8, ctx, bt, 132, num_warps=warps)
         assert 1 <= n <= MAX_SPLITS and (n == 1 or ctx / n >= 2 * bt)
+
+
+def test_attention_fit_separates_fixed_and_per_token_cost():
+    """bench_suite.attention_fit (the B=1 per-KV-token figure of bench_kernels): a least-squares line per KV dtype
+    over the batch's contexts >= 2K; other batches and shorter contexts are ignored."""
+    from workers.kernels.bench_suite import attention_fit
+
+    rows = [dict(B=1, ctx=c, fp8_us=9.0 + 0.0005 * c + (0.01 if c == 8192 else 0.0), bf16_us=10.0 + 0.001 * c)
+            for c in (1024, 2048, 4096, 8192, 32768)]
+    rows += [dict(B=16, ctx=8192, fp8_us=1.0, bf16_us=1.0), dict(B=1, ctx=512, fp8_us=99.0, bf16_us=1.0)]
+    fit = attention_fit(rows)
+    assert fit is not None and fit["points"] == 4
+    assert abs(fit["bf16_fixed_us"] - 10.0) < 1e-9 and abs(fit["bf16_ns_per_token"] - 1.0) < 1e-9
+    assert abs(fit["fp8_fixed_us"] - 9.0) < 0.01 and abs(fit["per_token_fp8_over_bf16"] - 0.5) < 1e-3
+    assert attention_fit(rows[:2]) is None  # fewer than three contexts: no fit

@@ -42,6 +42,30 @@ def test_adapters_match_engine_reference(dev, gen):
 
 
 @pytest.mark.parametrize("dev", DEVICES)
+def test_prepare_fp8_weight_packs_listed_shapes(dev, gen, monkeypatch):
+    """Weights of configs.PACKED_SHAPES come back tile-packed and give fp8_linear the row-major product at decode
+    and prefill token counts; other shapes, e5m2 weights and TANDEM_PACK_WEIGHTS=0 keep the row-major tensor."""
+    from workers.kernels import configs
+    from workers.kernels.packed_weight import PackedWeight
+
+    R = ops.REFERENCE_OPS
+    N, K = 96, 192
+    monkeypatch.setattr(configs, "PACKED_SHAPES", {(N, K): (64, 64, 3)})
+    wq, ws = R.quantize_rows(torch.randn(N, K, generator=gen).to(dev) * 0.05, torch.float8_e4m3fn)
+    w = eb.prepare_fp8_weight(wq)
+    assert isinstance(w, PackedWeight) and w.shape == (N, K) and (w.block_n, w.block_k) == (64, 64)
+    for T in (3, configs.THIN_MAX_M + 5):
+        qx, sx = R.quantize_rows(torch.randn(T, K, generator=gen).to(dev), torch.float8_e4m3fn)
+        y = eb.fp8_linear(qx, sx, w, ws.reshape(-1), None, None, torch.bfloat16)
+        yr = R.fp8_linear(qx, sx, wq, ws.reshape(-1), None, None, torch.bfloat16)
+        assert rel_err(y, yr) < 8e-3, T
+    other, e5m2 = wq[:, :128].contiguous(), wq.to(torch.float8_e5m2)
+    assert eb.prepare_fp8_weight(other) is other and eb.prepare_fp8_weight(e5m2) is e5m2
+    monkeypatch.setenv("TANDEM_PACK_WEIGHTS", "0")
+    assert eb.prepare_fp8_weight(wq) is wq
+
+
+@pytest.mark.parametrize("dev", DEVICES)
 def test_kv_write_and_attention_adapters(dev, gen):
     R = ops.REFERENCE_OPS
     B, Hq, Hkv, D, bs, nb = 2, 4, 2, 32, 8, 8
@@ -89,6 +113,31 @@ def test_engine_on_cuda_uses_kernels_and_matches_reference():
     out = fast.generate([prompt, prompt[:7]], SamplingParams(max_tokens=8))
     assert [len(o) for o in out] == [8, 8]
     fast.assert_no_leaks()
+
+
+@pytest.mark.gpu
+def test_engine_with_packed_down_projection_matches_row_major(monkeypatch):
+    """The real engine on CUDA with the tiny model's down projection (64 x 128) tile-packed: same logits as with
+    every weight row-major (within FP8 GEMM rounding), greedy decoding runs, no KV leaks."""
+    from orchestrator.core.types import ComputeDtype, LinearMode, SamplingParams
+    from workers.engine.config import EngineConfig
+    from workers.engine.engine import Engine
+    from workers.kernels import configs
+    from workers.kernels.packed_weight import PackedWeight
+
+    monkeypatch.setattr(configs, "PACKED_SHAPES", {(64, 128): (64, 64, 3)})
+    cfg = EngineConfig(model="tiny", device="cuda", dtype=ComputeDtype.BF16, seed=5,
+                       linear_mode=LinearMode.FP8_DYNAMIC, kv_dtype=KVDtype.FP8_E4M3)
+    packed = Engine(cfg)
+    assert any(isinstance(lin.w_q, PackedWeight) for lin in packed.model.linears())
+    monkeypatch.setenv("TANDEM_PACK_WEIGHTS", "0")
+    plain = Engine(cfg)
+    assert not any(isinstance(lin.w_q, PackedWeight) for lin in plain.model.linears())
+    prompt = list(range(5, 60))
+    assert rel_err(packed.prompt_logits(prompt), plain.prompt_logits(prompt)) < 1e-2
+    out = packed.generate([prompt, prompt[:9]], SamplingParams(max_tokens=12))
+    assert [len(o) for o in out] == [12, 12]
+    packed.assert_no_leaks()
 
 
 @pytest.mark.parametrize("dev", DEVICES)

@@ -41,6 +41,28 @@ def test_thin_gemm_configs(dev, gen):
 
 
 @pytest.mark.parametrize("dev", DEVICES)
+def test_packed_weight_gemms(dev, gen):
+    """A tile-packed weight (N and K not whole tiles) through the thin TMA kernel (decode M) and the prefill Triton
+    GEMM (through fp8_linear above THIN_MAX_M) gives the row-major weight's product; unpacking restores w_q."""
+    from workers.kernels.configs import THIN_MAX_M
+    from workers.kernels.packed_weight import pack_weight, unpack_weight
+
+    if dev == "cpu":
+        (N, K), tile, ms = (200, 320), (64, 128), (1, 17, 64, 70, THIN_MAX_M + 3)
+    else:
+        (N, K), tile, ms = (4096, 14336), (64, 256), (1, 16, 48, 64, 100, 256, 300, 4096)
+    for M in ms:
+        a_q, a_s, w_q, w_s = _operands(M, N, K, dev, gen)
+        packed = pack_weight(w_q, *tile)
+        assert torch.equal(unpack_weight(packed).view(torch.uint8), w_q.view(torch.uint8))
+        ref = R.scaled_mm_ref(a_q, a_s, w_q, w_s)
+        out = fp8_linear(a_q, a_s, packed, w_s) if M > THIN_MAX_M else thin_gemm(a_q, a_s, packed, w_s)
+        assert out.shape == (M, N) and rel_err(out, ref) < 5e-3, M
+    with pytest.raises(KernelInputError, match="packed"):
+        thin_gemm(a_q[:4], a_s[:4], packed, w_s, cfg=ThinConfig(16, 64, 64, 1, tma=True))
+
+
+@pytest.mark.parametrize("dev", DEVICES)
 def test_triton_gemm(dev, gen):
     if dev == "cpu":
         cases = [((130, 200, 192), GemmConfig(64, 64, 64, 2, 4, 2)), ((64, 64, 100), GemmConfig(64, 64, 64, 1, 4, 2))]

@@ -107,6 +107,8 @@ class Linear:
         per_channel = self.mode is LinearMode.FP8_DYNAMIC
         self.w_q, self.w_scale = fp8q.quantize_weight(weight, self.fp8_dtype, per_channel, self.rounding, salt)
         self.w_q_compute = None if weight.is_cuda else self.w_q.to(compute_dtype)
+        if per_channel:  # the backend may re-lay the weight out for its GEMMs (ops.prepare_fp8_weight); static
+            self.w_q = ops.prepare_fp8_weight(self.w_q)  # linears keep row-major weights for their calibration
 
     @property
     def fused_dynamic(self) -> bool:

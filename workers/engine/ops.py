@@ -23,6 +23,9 @@ Signatures (shapes in comments; T tokens, H query heads, Hk KV heads, D head dim
     silu_mul_quant(gate_up [T, 2I], fp8_dtype) -> (q [T, I], scale [T, 1])             (fused producer)
     fp8_linear(q [T, K], x_scale [T, 1] | [1], w_q [N, K], w_scale [N] | [1], w_q_compute [N, K] | None,
                bias [N] | None, out_dtype) -> [T, N]
+    prepare_fp8_weight(w_q [N, K]) -> w                                (once per weight, at load: dynamic FP8 linears
+        pass w, not w_q, to fp8_linear afterwards; w may be a backend-specific layout with .shape (N, K), .dtype and
+        .device, e.g. a tile-packed weight. The reference returns w_q.)
     prefill_attention(q [T, H, D], k [T, Hk, D], v [T, Hk, D], sm_scale) -> [T, H, D]    (causal)
     prefill_attention_fp8(q, k, v, sm_scale) -> [T, H, D]    (optional; None in the reference table)
         (the same causal attention, computed with FP8 operands: the model uses it instead of
@@ -57,6 +60,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -191,6 +195,11 @@ def fp8_linear(
     return y if bias is None else y + bias
 
 
+def prepare_fp8_weight(w_q: torch.Tensor) -> torch.Tensor:
+    """Reference: the row-major weight as it is."""
+    return w_q
+
+
 def _scaled_mm_cuda(
     q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype
 ) -> torch.Tensor | None:
@@ -320,6 +329,7 @@ class Ops:
     rope_kv_write: Callable[..., torch.Tensor]
     prefill_rope_kv: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     prefill_attention_fp8: Callable[..., torch.Tensor] | None = None  # see the module docstring
+    prepare_fp8_weight: Callable[[torch.Tensor], Any] = prepare_fp8_weight
     graph_safe: bool = False  # decode may be captured in CUDA graphs (see the module docstring)
 
 

@@ -18,6 +18,7 @@ from workers.kernels.benchmarking import STEADY_CALLS, read_ceiling_tbps, rotati
 from workers.kernels.configs import GemmConfig, ThinConfig
 from workers.kernels.gemm import scaled_mm, thin_gemm, triton_gemm
 from workers.kernels.kv_cache import kv_write
+from workers.kernels.packed_weight import pack_weight
 from workers.kernels.quant import quantize_per_token, rms_norm_quant, silu_mul_quant
 
 F8 = torch.float8_e4m3fn
@@ -181,6 +182,8 @@ def bench_thin(sweep: bool, ms: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 
         print(f"  read ceiling for {wbytes / 1e6:.1f} MB: {ceiling:.2f} TB/s")
         get8 = rotating(lambda N=N, K=K: _fp8_weight(N, K), wbytes)
         get16 = rotating(lambda N=N, K=K: (_bf16(N, K),), 2 * wbytes)
+        tile = configs.packed_tile(N, K)
+        getp = rotating(lambda N=N, K=K, tile=tile: _packed_fp8_weight(N, K, tile), wbytes) if tile else None
         for M in ms:
             x = _bf16(M, K)
             a_q, a_s = quantize_per_token(x, F8)
@@ -201,6 +204,9 @@ def bench_thin(sweep: bool, ms: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 
             # the figure of sessions 1-4 (graphs of max(rotation, 8) calls), kept beside the steady-state one
             t_thin_short = time_graph_ms(lambda: thin_gemm(a_q, a_s, *get8(), cfg=best), calls=max(get8.n, 8)) \
                 if best is not None else float("nan")
+            # the engine's weight: tile-packed for configs.PACKED_SHAPES (packed_weight.py), else row-major
+            t_packed = time_graph_ms(lambda: thin_gemm(a_q, a_s, *getp()), calls=calls) if getp else float("nan")
+            t_engine = t_packed if getp else t_thin
             flops = 2 * M * N * K
             ref = REF_THIN.get((M, K, N))
             rows.append(dict(
@@ -208,12 +214,43 @@ def bench_thin(sweep: bool, ms: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 
                 read_ceiling_TBps=ceiling,
                 thin_TFLOPS=flops / t_thin / 1e9, thin_us_short_graph=t_thin_short * 1e3,
                 thin_TFLOPS_short_graph=flops / t_thin_short / 1e9, graph_calls=calls,
+                packed_weight_TBps=wbytes / t_packed / 1e9, engine_layout="packed" if getp else "row-major",
+                engine_us=t_engine * 1e3, engine_weight_TBps=wbytes / t_engine / 1e9,
+                engine_TFLOPS=flops / t_engine / 1e9,
                 scaled_mm_weight_TBps=wbytes / t_smm / 1e9,
                 bf16_weight_TBps=2 * wbytes / t_bf16 / 1e9, fp8_vs_bf16_speedup=t_bf16 / t_thin,
                 ref_stock_fp8_TBps=ref[1] if ref else None, ref_stock_bf16_TBps=ref[0] if ref else None,
                 cfg=best.__dict__ if best else None,
             ))
-            print(f"  thin M={M} N={N} K={K}: {t_thin * 1e3:.1f} us {wbytes / t_thin / 1e9:.2f} TB/s cfg={best}")
+            print(f"  thin M={M} N={N} K={K}: {t_thin * 1e3:.1f} us {wbytes / t_thin / 1e9:.2f} TB/s cfg={best}"
+                  + (f"; packed {t_packed * 1e3:.1f} us {wbytes / t_packed / 1e9:.2f} TB/s" if getp else ""))
+    return rows
+
+
+def _packed_fp8_weight(N: int, K: int, tile: tuple[int, int]) -> tuple[Any, torch.Tensor]:
+    w_q, w_s = _fp8_weight(N, K)
+    return pack_weight(w_q, *tile), w_s
+
+
+def bench_packed_prefill(ms: tuple[int, ...] = (300, 512, 2048, 8192)) -> list[dict[str, Any]]:
+    """Prefill-sized FP8 GEMMs on a tile-packed weight (what an engine that packed it runs above THIN_MAX_M: the
+    Triton GEMM reading tiles) against the row-major weight's cuBLASLt and Triton GEMMs."""
+    rows = []
+    for N, K in configs.PACKED_SHAPES:
+        tile = configs.packed_tile(N, K) or configs.PACKED_SHAPES[(N, K)][:2]
+        w_q, w_s = _fp8_weight(N, K)
+        packed = pack_weight(w_q, *tile)
+        for M in ms:
+            a_q, a_s = quantize_per_token(_bf16(M, K), F8)
+            t_smm = time_graph_ms(lambda: scaled_mm(a_q, a_s, w_q, w_s), calls=3)
+            t_tri = time_graph_ms(lambda: triton_gemm(a_q, a_s, w_q, w_s), calls=3)
+            t_packed = min(time_graph_ms(lambda cfg=cfg: triton_gemm(a_q, a_s, packed, w_s, cfg=cfg), calls=3)
+                           for cfg in GEMM_SWEEP if cfg.block_k <= tile[1])
+            rows.append(dict(M=M, N=N, K=K, scaled_mm_us=t_smm * 1e3, triton_rowmajor_us=t_tri * 1e3,
+                             triton_packed_us=t_packed * 1e3, packed_over_scaled_mm=t_packed / t_smm,
+                             packed_TFLOPS=2 * M * N * K / t_packed / 1e9))
+            print(f"  packed prefill M={M} N={N} K={K}: cuBLASLt {t_smm * 1e3:.1f} us, Triton {t_tri * 1e3:.1f}, "
+                  f"Triton packed {t_packed * 1e3:.1f} ({t_packed / t_smm:.2f}x)")
     return rows
 
 
@@ -232,34 +269,57 @@ def _attn_case(B, ctx, dtype, Hq=32, Hkv=8, D=128, bs=16):
 ATTN_CONFIGS = [(32, 1, 2), (64, 2, 2), (64, 2, 3), (64, 4, 3), (128, 4, 3), (64, 4, 2)]
 
 
+# Batch 1 is also measured at 4K, 16K and 32K: attention_fit separates a call's fixed cost (launches, the
+# dependent first loads, the merge) from its cost per KV token.
+ATTN_CASES = [(B, ctx) for B in (1, 16, 64) for ctx in (1024, 2048, 8192)] + [(1, 4096), (1, 16384), (1, 32768)]
+
+
+def attention_fit(rows: list[dict[str, Any]], B: int = 1, min_ctx: int = 2048) -> dict[str, float] | None:
+    """Least-squares time = fixed + per_token · ctx for each KV dtype over the rows of batch B with ctx >= min_ctx:
+    fixed_us, per-KV-token ns, and the per-token ratio fp8 / bf16."""
+    pts = sorted((r["ctx"], r["fp8_us"], r["bf16_us"]) for r in rows if r["B"] == B and r["ctx"] >= min_ctx)
+    if len(pts) < 3:
+        return None
+    out: dict[str, float] = {"B": B, "points": len(pts)}
+    xs = [p[0] for p in pts]
+    mx = sum(xs) / len(xs)
+    for i, name in ((1, "fp8"), (2, "bf16")):
+        ys = [p[i] for p in pts]
+        my = sum(ys) / len(ys)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+        out[f"{name}_fixed_us"] = my - slope * mx
+        out[f"{name}_ns_per_token"] = slope * 1e3 / B
+    out["per_token_fp8_over_bf16"] = out["fp8_ns_per_token"] / out["bf16_ns_per_token"]
+    return out
+
+
 def bench_attention() -> list[dict[str, Any]]:
     rows = []
     Hq, Hkv, D = 32, 8, 128
-    for B in (1, 16, 64):
-        for ctx in (1024, 2048, 8192):
-            q = _bf16(B, Hq, D)
-            lens = torch.full((B,), ctx, device=DEV, dtype=torch.int32)
-            res = {}
-            for name, dtype in (("fp8", F8), ("bf16", torch.bfloat16)):
-                per_tok = Hkv * D * 2 * dtype.itemsize + (Hkv * 8 if name == "fp8" else 0)
-                get = rotating(lambda dtype=dtype: _attn_case(B, ctx, dtype), B * ctx * per_tok)
-                best: tuple[float, Any] = (float("inf"), None)
-                for cfg in ATTN_CONFIGS:
-                    def run(get=get, cfg=cfg):
-                        kc, vc, ks, vs, table = get()
-                        return paged_decode_attention(q, kc, vc, table, lens, D**-0.5, ks, vs, max_seq_len=ctx,
-                                                      block_t=cfg[0], num_warps=cfg[1], num_stages=cfg[2])
+    for B, ctx in ATTN_CASES:
+        q = _bf16(B, Hq, D)
+        lens = torch.full((B,), ctx, device=DEV, dtype=torch.int32)
+        res = {}
+        for name, dtype in (("fp8", F8), ("bf16", torch.bfloat16)):
+            per_tok = Hkv * D * 2 * dtype.itemsize + (Hkv * 8 if name == "fp8" else 0)
+            get = rotating(lambda dtype=dtype: _attn_case(B, ctx, dtype), B * ctx * per_tok)
+            best: tuple[float, Any] = (float("inf"), None)
+            for cfg in ATTN_CONFIGS:
+                def run(get=get, cfg=cfg):
+                    kc, vc, ks, vs, table = get()
+                    return paged_decode_attention(q, kc, vc, table, lens, D**-0.5, ks, vs, max_seq_len=ctx,
+                                                  block_t=cfg[0], num_warps=cfg[1], num_stages=cfg[2])
 
-                    try:
-                        best = min(best, (time_graph_ms(run, calls=max(get.n, STEADY_CALLS)), cfg))
-                    except Exception as exc:  # e.g. over the shared-memory limit
-                        print(f"  attention config {cfg} failed: {type(exc).__name__}")
-                res[name] = (best[0], B * ctx * per_tok / best[0] / 1e9, best[1])
-                del get
-            rows.append(dict(B=B, ctx=ctx, fp8_us=res["fp8"][0] * 1e3, bf16_us=res["bf16"][0] * 1e3,
-                             fp8_TBps=res["fp8"][1], bf16_TBps=res["bf16"][1],
-                             fp8_over_bf16=res["fp8"][0] / res["bf16"][0], fp8_cfg=res["fp8"][2],
-                             bf16_cfg=res["bf16"][2]))
+                try:
+                    best = min(best, (time_graph_ms(run, calls=max(get.n, STEADY_CALLS)), cfg))
+                except Exception as exc:  # e.g. over the shared-memory limit
+                    print(f"  attention config {cfg} failed: {type(exc).__name__}")
+            res[name] = (best[0], B * ctx * per_tok / best[0] / 1e9, best[1])
+            del get
+        rows.append(dict(B=B, ctx=ctx, fp8_us=res["fp8"][0] * 1e3, bf16_us=res["bf16"][0] * 1e3,
+                         fp8_TBps=res["fp8"][1], bf16_TBps=res["bf16"][1],
+                         fp8_over_bf16=res["fp8"][0] / res["bf16"][0], fp8_cfg=res["fp8"][2],
+                         bf16_cfg=res["bf16"][2]))
     return rows
 
 

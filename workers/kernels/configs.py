@@ -68,6 +68,35 @@ THIN_TABLE: dict[tuple[int, int], list[tuple[int, ThinConfig]]] = {
     (4096, 14336): [(16, _t(16, 64, 256, 1, 8, True)), (32, _t(32, 64, 256, 1, 8, True)),
                     (64, _t(64, 64, 256, 1, 6, True)), (128, _t(128, 64, 256, 2, 4)), (256, _t(128, 64, 256, 1, 4))],
 }
+# Weights the engine's CUDA backend stores tile-packed for the decode GEMMs (packed_weight.py), with the tile
+# (block_n, block_k) and the stages of the packed TMA thin kernel at M <= 64. Measured on the H100
+# (scripts/kernel_experiments/thin_packed_current.py, h100-thin-packed-current-2026-11-22.json, 3 interleaved
+# pairs, same config as the row-major kernel): down M=1..64 -2.3 to -3.9% (M=48 22.97 -> 22.07 us, M=64 23.22 ->
+# 22.35); o and qkv 1.2-4.3% slower and gate_up within 1.4%, so those stay row-major.
+PACKED_SHAPES: dict[tuple[int, int], tuple[int, int, int]] = {(4096, 14336): (64, 256, 6)}
+
+
+def packed_tile(N: int, K: int) -> tuple[int, int] | None:
+    """The (block_n, block_k) tile a weight of this shape is packed in for decode, or None to keep it row-major.
+    TANDEM_PACK_WEIGHTS=0 keeps every weight row-major (for A/B measurements)."""
+    if os.environ.get("TANDEM_PACK_WEIGHTS", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    entry = PACKED_SHAPES.get((N, K))
+    return None if entry is None else entry[:2]
+
+
+def packed_thin_config(M: int, N: int, K: int, block_n: int, block_k: int) -> ThinConfig:
+    """The TMA thin config on a packed weight: its tile, a token block of 16 / 32 / 64 / 128, the measured stages
+    (M > 64: unmeasured on packed weights, 4 stages), shrunk to fit the GPU's shared memory."""
+    block_m = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
+    stages = PACKED_SHAPES.get((N, K), (0, 0, 4))[2] if M <= 64 else 4
+    cfg = ThinConfig(block_m=block_m, block_n=block_n, block_k=block_k, split_k=1, num_warps=4, num_stages=stages,
+                     tma=True)
+    while not _fits(cfg) and cfg.num_stages > 2:
+        cfg = replace(cfg, num_stages=cfg.num_stages - 1)
+    return cfg
+
+
 # Shapes where cuBLASLt (torch._scaled_mm) beat the thin kernel from this M on (same sweep).
 SCALED_MM_FROM_M: dict[tuple[int, int], int] = {(6144, 4096): 129, (28672, 4096): 129}
 
@@ -140,6 +169,18 @@ def _shrink(cfg: ThinConfig) -> ThinConfig:
 
 def gemm_config(M: int, N: int, K: int) -> GemmConfig:
     return GEMM_DEFAULT if _fits(GEMM_DEFAULT) else SMALL_SMEM_GEMM
+
+
+# Prefill on a tile-packed weight runs the Triton GEMM (cuBLASLt wants row-major). Measured on the H100 for down
+# (scripts/kernel_experiments/packed_prefill.py, h100-packed-prefill-2026-11-22.json; best of GEMM_SWEEP per M)
+# against cuBLASLt on the row-major weight: M=300 47.5 vs 41.7 us, 512 49.6 vs 44.8 (both best with 128x128
+# tiles, 4 warps, 4 stages), 2048 177.7 vs 164.4, 8192 731.9 vs 731.6 (default tiles).
+PACKED_GEMM_SMALL_M = GemmConfig(block_m=128, block_n=128, block_k=128, group_m=8, num_warps=4, num_stages=4)
+
+
+def packed_gemm_config(M: int) -> GemmConfig:
+    cfg = PACKED_GEMM_SMALL_M if M <= 1024 else GEMM_DEFAULT
+    return cfg if _fits(cfg) else SMALL_SMEM_GEMM
 
 
 def choose_backend(M: int, N: int, K: int, device: torch.device) -> Backend:

@@ -8,7 +8,8 @@ reference: `prefill_attention` (torch SDPA is already a flash kernel on CUDA; bf
 `prefill_attention.MIN_TOKENS` tokens (shorter ones run faster in SDPA), else the reference. `rope_kv_write` (RoPE + K/V
 quantize-and-write in one launch) and the residual-fused norms (`add_rms_norm`, `add_rms_norm_quant`) fill
 the seam's decode slots; `prefill_rope_kv` is the same launch for prefill (k also to a buffer for the
-attention, the cache written only for a colocated prefill). Registered `graph_safe`: none of these adapters synchronises with the host (the
+attention, the cache written only for a colocated prefill). `prepare_fp8_weight` tile-packs the weights whose decode
+GEMM measured faster that way (configs.PACKED_SHAPES: Llama-8B's down projection) on GPUs with TMA. Registered `graph_safe`: none of these adapters synchronises with the host (the
 attention bounds lengths by the block table's width) and the KV writes skip slot -1, so the engine captures
 decode steps in CUDA graphs.
 
@@ -17,6 +18,8 @@ If Triton is missing, nothing is registered and the engine keeps its torch refer
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from orchestrator.core.types import KVDtype
@@ -24,11 +27,14 @@ from orchestrator.core.types import KVDtype
 try:
     from workers.engine import ops as _ops
     from workers.engine.fp8 import kv_storage_dtype
+    from workers.kernels import configs as _configs
     from workers.kernels import prefill_attention as _pa
     from workers.kernels.attention import paged_decode_attention as _attn
+    from workers.kernels.gemm import TensorDescriptor as _TensorDescriptor
     from workers.kernels.gemm import fp8_linear as _fp8_linear
     from workers.kernels.kv_cache import kv_write as _kv_write
     from workers.kernels.kv_cache import rope_kv_write as _rope_kv_write
+    from workers.kernels.packed_weight import pack_weight as _pack_weight
     from workers.kernels.prefill_attention import prefill_attention_fp8 as _prefill_fp8
     from workers.kernels.quant import quantize_per_token, rms_norm_quant, silu_mul_quant
 except ImportError:  # no triton (or no engine): leave the reference ops in place
@@ -122,6 +128,19 @@ def fp8_linear(q, x_scale, w_q, w_scale, w_q_compute, bias, out_dtype):  # type:
     return y if bias is None else y + bias
 
 
+def prepare_fp8_weight(w_q: torch.Tensor):  # type: ignore[no-untyped-def]
+    """Tile-pack the weights of `configs.PACKED_SHAPES` on GPUs with TMA (sm_90+), where the decode GEMM streams
+    them faster (packed_weight.py); every other weight stays row-major. fp8_linear takes either."""
+    tile = _configs.packed_tile(*w_q.shape)
+    if tile is None or w_q.dtype != torch.float8_e4m3fn or _TensorDescriptor is None:
+        return w_q
+    if w_q.is_cuda and torch.cuda.get_device_capability(w_q.device)[0] < 9:
+        return w_q  # no TMA
+    if not w_q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        return w_q  # CPU engines run the reference GEMM
+    return _pack_weight(w_q, *tile)
+
+
 def paged_attention_decode(q, k_cache, v_cache, k_scale, v_scale, block_tables, context_lens, sm_scale):  # type: ignore[no-untyped-def]
     # The table's width bounds every sequence's length without a host sync, so this is graph-capturable.
     max_len = block_tables.shape[1] * k_cache.shape[1]
@@ -158,6 +177,7 @@ IMPLS = {
     "prefill_rope_kv": prefill_rope_kv,
     "quantize_kv": quantize_kv,
     "prefill_attention_fp8": prefill_attention_fp8,
+    "prepare_fp8_weight": prepare_fp8_weight,
 }
 
 
